@@ -1,0 +1,286 @@
+"""The Triton kernels against the PyTorch reference.
+
+Without a GPU they run under TRITON_INTERPRET=1 at small sizes in fp16/fp32 (the interpreter
+has no bf16 arithmetic); the `gpu` cases run the same checks at real sizes in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged_batch import PagedBatch, make_batch, scatter_new_tokens
+
+from vllm_portable_attn.kernels import (
+    MAX_SEGMENTS,
+    MAX_SPLIT_TOKENS,
+    SplitKVWorkspace,
+    choose_num_segments,
+    unified_attention,
+    write_kv_cache,
+)
+from vllm_portable_attn.reference import paged_attention_reference
+
+# Kernel error against an fp64 reference. fp16/bf16 round P and the output once each.
+TOLERANCE = {
+    torch.float32: dict(atol=2e-4, rtol=2e-4),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+# (query_len, context_len): decodes, a chunked-prefill continuation, fresh prompts, odd lengths.
+MIXED = [(1, 16), (17, 0), (63, 40), (1, 129), (5, 1), (129, 0)]
+DECODES = [(1, 15), (1, 100), (1, 1), (1, 64)]
+
+
+def run_and_check(
+    batch: PagedBatch,
+    *,
+    num_segments: int = 1,
+    fp8: bool = False,
+    **features: object,
+) -> None:
+    """Run the kernel and the reference on the same batch and compare the real tokens."""
+    key_cache, value_cache, scales = batch.key_cache, batch.value_cache, {}
+    if fp8:
+        scales = dict(
+            k_scale=torch.tensor(0.5, device=key_cache.device),
+            v_scale=torch.tensor(0.25, device=key_cache.device),
+        )
+        key_cache = (key_cache.float() / scales["k_scale"]).to(torch.float8_e4m3fn)
+        value_cache = (value_cache.float() / scales["v_scale"]).to(torch.float8_e4m3fn)
+    workspace = None
+    if num_segments > 1:
+        workspace = SplitKVWorkspace.allocate(
+            MAX_SPLIT_TOKENS, batch.query.shape[1], batch.head_size, MAX_SEGMENTS,
+            batch.query.device,
+        )  # fmt: skip
+        workspace.partial_out.fill_(float("nan"))
+        workspace.partial_max.fill_(float("nan"))
+        workspace.partial_sum.fill_(float("nan"))
+
+    args = (key_cache, value_cache)
+    common = dict(
+        max_query_len=batch.max_query_len,
+        max_seq_len=batch.max_seq_len,
+        softmax_scale=batch.head_size**-0.5,
+        **scales,
+        **features,
+    )
+    out = torch.full_like(batch.query, float("nan"))
+    unified_attention(
+        batch.query, *args, out, batch.query_start_loc, batch.seq_lens, batch.block_table,
+        num_segments=num_segments, workspace=workspace, **common,
+    )  # fmt: skip
+    ref = torch.full_like(batch.query, float("nan"), dtype=torch.float64)
+    paged_attention_reference(
+        batch.query, *args, ref, batch.query_start_loc, batch.seq_lens, batch.block_table,
+        compute_dtype=torch.float64, **common,
+    )  # fmt: skip
+
+    n = batch.num_actual_tokens
+    got, want = out[:n].double(), ref[:n]
+    assert not got.isnan().any(), "kernel left real output rows unwritten (NaN)"
+    err = (got - want).abs().max().item()
+    torch.testing.assert_close(
+        got, want, **TOLERANCE[batch.query.dtype], msg=lambda m: f"max abs err {err:.3g}\n{m}"
+    )
+    # Padding tokens belong to no request; the kernel must not write them.
+    assert out[n:].isnan().all(), "kernel wrote output rows of padding tokens"
+
+
+def cpu_batch(requests: list[tuple[int, int]], **overrides: object) -> PagedBatch:
+    kwargs = dict(
+        num_heads=8, num_kv_heads=2, head_size=32, page_size=16, dtype=torch.float16,
+        device="cpu",
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return make_batch(requests, **kwargs)
+
+
+# ---------------------------------------------------------------- CPU, under the interpreter
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("page_size", [16, 32], ids=["page16", "page32"])
+@pytest.mark.parametrize(
+    "heads", [(8, 2), (16, 2), (4, 1), (6, 2)], ids=["gqa4", "gqa8", "mqa", "gqa3"]
+)
+def test_mixed_batch(dtype: torch.dtype, page_size: int, heads: tuple[int, int]) -> None:
+    batch = cpu_batch(
+        MIXED, num_heads=heads[0], num_kv_heads=heads[1], page_size=page_size, dtype=dtype,
+        num_padded_requests=2, num_padding_tokens=3,
+    )  # fmt: skip
+    run_and_check(batch)
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 128])
+def test_head_sizes(head_size: int) -> None:
+    run_and_check(cpu_batch([(1, 20), (19, 13), (33, 0)], head_size=head_size))
+
+
+@pytest.mark.parametrize("num_segments", [2, 8, 32])
+@pytest.mark.parametrize("requests", [DECODES, [(3, 50), (1, 70), (8, 9)]], ids=["q1", "spec"])
+def test_split_kv(num_segments: int, requests: list[tuple[int, int]]) -> None:
+    """Split-KV partials merged by the reduce kernel; short sequences leave segments empty."""
+    run_and_check(cpu_batch(requests, num_padded_requests=1, num_padding_tokens=2),
+                  num_segments=num_segments)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        dict(sliding_window=7),
+        dict(sliding_window=40),
+        dict(softcap=2.0),
+        dict(causal=False),
+    ],
+    ids=["window7", "window40", "softcap", "noncausal"],
+)
+@pytest.mark.parametrize("num_segments", [1, 4], ids=["nosplit", "split4"])
+def test_score_features(features: dict, num_segments: int) -> None:
+    requests = MIXED if num_segments == 1 else DECODES
+    run_and_check(cpu_batch(requests), num_segments=num_segments, **features)
+
+
+@pytest.mark.parametrize("num_segments", [1, 4], ids=["nosplit", "split4"])
+def test_alibi_and_sinks(num_segments: int) -> None:
+    requests = MIXED if num_segments == 1 else DECODES
+    gen = torch.Generator().manual_seed(1)
+    alibi = torch.rand(8, generator=gen) * 0.5
+    sinks = torch.randn(8, generator=gen) * 2
+    run_and_check(cpu_batch(requests), num_segments=num_segments, alibi_slopes=alibi)
+    run_and_check(cpu_batch(requests), num_segments=num_segments, sinks=sinks)
+
+
+@pytest.mark.parametrize("num_segments", [1, 8], ids=["nosplit", "split8"])
+def test_window_of_one(num_segments: int) -> None:
+    """Each query sees only its own key; with 8 segments most segments are fully masked and
+    must contribute nothing (m = -inf, l = 0) rather than NaN."""
+    run_and_check(cpu_batch([(4, 0), (1, 9), (2, 40)]), num_segments=num_segments,
+                  sliding_window=1)  # fmt: skip
+
+
+def test_extreme_logits_stay_finite() -> None:
+    batch = cpu_batch(MIXED)
+    batch.query.mul_(60)  # fp16 scores in the thousands: overflow if not max-subtracted
+    run_and_check(batch)
+
+
+def test_cache_write_matches_scatter() -> None:
+    batch = cpu_batch(MIXED, num_padding_tokens=4)
+    expected_k, expected_v = batch.key_cache.clone(), batch.value_cache.clone()
+    write_kv_cache(batch.key, batch.value, batch.key_cache, batch.value_cache,
+                   batch.slot_mapping)  # fmt: skip
+    got_k, got_v = batch.key_cache.clone(), batch.value_cache.clone()
+    batch.key_cache.copy_(expected_k)
+    batch.value_cache.copy_(expected_v)
+    scatter_new_tokens(batch)
+    assert torch.equal(got_k, batch.key_cache)
+    assert torch.equal(got_v, batch.value_cache)
+
+
+def test_choose_num_segments() -> None:
+    assert choose_num_segments(1, 1, 1, 8, 132) == 32
+    assert choose_num_segments(4, 4, 1, 8, 132) == 16
+    assert choose_num_segments(64, 64, 1, 8, 132) == 1  # enough programs already
+    assert choose_num_segments(MAX_SPLIT_TOKENS + 1, 2, 1, 8, 132) == 1  # past the workspace
+    assert choose_num_segments(8, 2, 100, 8, 132) == 1  # prefill-shaped batch
+
+
+def test_launcher_rejects_bad_input() -> None:
+    batch = cpu_batch([(1, 3)])
+    out = torch.empty_like(batch.query)
+    common = (batch.query_start_loc, batch.seq_lens, batch.block_table)
+    kw = dict(max_query_len=1, max_seq_len=4, softmax_scale=1.0)
+    with pytest.raises(ValueError, match="needs a SplitKVWorkspace"):
+        unified_attention(batch.query, batch.key_cache, batch.value_cache, out, *common,
+                          num_segments=4, **kw)  # fmt: skip
+    with pytest.raises(ValueError, match="not one of"):
+        unified_attention(batch.query.to(torch.int8), batch.key_cache, batch.value_cache, out,
+                          *common, **kw)  # fmt: skip
+
+
+# --------------------------------------------------------------------- GPU, at real sizes
+
+GPU_MIXED = [(1, 4000), (1, 37), (300, 2000), (1000, 0), (17, 0), (1, 1), (129, 513)]
+
+
+def gpu_batch(requests: list[tuple[int, int]], **overrides: object) -> PagedBatch:
+    kwargs = dict(
+        num_heads=32, num_kv_heads=8, head_size=128, page_size=16, dtype=torch.bfloat16,
+        device="cuda",
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return make_batch(requests, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+@pytest.mark.parametrize("heads", [(32, 8), (64, 8), (16, 1), (28, 4)])
+def test_gpu_mixed_batch(dtype: torch.dtype, page_size: int, heads: tuple[int, int]) -> None:
+    batch = gpu_batch(
+        GPU_MIXED, num_heads=heads[0], num_kv_heads=heads[1], page_size=page_size, dtype=dtype,
+        num_padded_requests=3, num_padding_tokens=5,
+    )  # fmt: skip
+    run_and_check(batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_size", [64, 80, 96, 112, 128, 192, 256])
+def test_gpu_head_sizes(head_size: int) -> None:
+    run_and_check(gpu_batch([(1, 900), (200, 300), (700, 0)], head_size=head_size))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_segments", [2, 8, 32])
+@pytest.mark.parametrize(
+    "requests",
+    [[(1, 16000), (1, 3000), (1, 5)], [(4, 8000), (4, 20), (8, 3000), (2, 1)]],
+    ids=["q1", "spec"],
+)
+def test_gpu_split_kv(num_segments: int, requests: list[tuple[int, int]]) -> None:
+    run_and_check(gpu_batch(requests, num_padded_requests=2, num_padding_tokens=3),
+                  num_segments=num_segments)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "features",
+    [
+        dict(sliding_window=256),
+        dict(softcap=30.0),
+        dict(alibi_slopes="random"),
+        dict(sinks="random"),
+        dict(fp8=True),
+        dict(causal=False),
+    ],
+    ids=["window", "softcap", "alibi", "sinks", "fp8", "noncausal"],
+)
+@pytest.mark.parametrize("num_segments", [1, 8], ids=["nosplit", "split8"])
+def test_gpu_features(features: dict, num_segments: int) -> None:
+    requests = GPU_MIXED if num_segments == 1 else [(1, 5000), (1, 300), (3, 700)]
+    batch = gpu_batch(requests)
+    gen = torch.Generator().manual_seed(3)
+    for name in ("alibi_slopes", "sinks"):
+        if features.get(name) == "random":
+            features = dict(features, **{name: (torch.rand(32, generator=gen) * 0.1).cuda()})
+    run_and_check(batch, num_segments=num_segments, **features)
+
+
+@pytest.mark.gpu
+def test_gpu_block_ids_need_int64() -> None:
+    """Pages far into a >4 GiB cache: page * stride overflows int32 if offsets are 32-bit."""
+    spare = (2**31) // (16 * 8 * 256) + 64  # elements per page: 16 slots x 8 heads x 2 x 128
+    batch = gpu_batch([(1, 70), (40, 30)], spare_blocks=spare)
+    # Move every page id to the top of the pool, where the byte offset passes 2**31 elements.
+    num_blocks = batch.key_cache.shape[0]
+    used = batch.block_table[batch.block_table > 0].unique()
+    top = torch.arange(num_blocks - len(used), num_blocks, device="cuda", dtype=torch.int32)
+    remap = torch.zeros(num_blocks, dtype=torch.int32, device="cuda")
+    remap[used.long()] = top
+    batch.key_cache[top.long()] = batch.key_cache[used.long()]
+    batch.value_cache[top.long()] = batch.value_cache[used.long()]
+    batch.block_table = remap[batch.block_table.long()]
+    run_and_check(batch)
+    run_and_check(batch, num_segments=4)

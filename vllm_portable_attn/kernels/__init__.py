@@ -1,0 +1,25 @@
+"""Triton kernels of vllm_portable_attn. Nothing here imports vLLM.
+
+Each module holds one kernel family and one public launcher; this package re-exports them.
+"""
+
+from vllm_portable_attn.kernels.cache_write import write_kv_cache
+from vllm_portable_attn.kernels.configs import (
+    MAX_SEGMENTS,
+    MAX_SPLIT_TOKENS,
+    attention_config,
+    choose_num_segments,
+)
+from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
+from vllm_portable_attn.kernels.unified import unified_attention
+
+__all__ = [
+    "MAX_SEGMENTS",
+    "MAX_SPLIT_TOKENS",
+    "SplitKVWorkspace",
+    "attention_config",
+    "choose_num_segments",
+    "merge_segments",
+    "unified_attention",
+    "write_kv_cache",
+]

@@ -1,0 +1,65 @@
+"""Triton helpers shared by the attention kernels.
+
+The online softmax runs in base 2 (exp2 is one instruction; exp is exp2 plus a multiply), so
+every score is multiplied by log2(e) before it meets the running maximum.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def find_seq_idx(
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    q_block_idx,
+    num_seqs,
+    BLOCK_Q: tl.constexpr,
+):
+    """The sequence that owns global query block `q_block_idx`.
+
+    Sequence i owns the blocks starting at query_start_loc[i] // BLOCK_Q + i; that start is
+    non-decreasing in i, so a binary search finds the last sequence whose start is <= the block.
+    The `+ i` reserves one spare block per sequence, which is why the grid needs no host sync.
+    """
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if start <= q_block_idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2; stable for large |x| because exp2 saturates to 0 or inf."""
+    e = tl.exp2((2.0 * LOG2E) * x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def online_softmax_step(
+    acc,  # [BLOCK_M, HEAD_PAD] fp32, unnormalised output so far
+    m_i,  # [BLOCK_M] fp32, running max in log2 units
+    l_i,  # [BLOCK_M] fp32, running sum of exp2(score - m_i)
+    scores,  # [BLOCK_M, TILE_N] fp32, log2 units, -inf where masked
+    v,  # [TILE_N, HEAD_PAD]
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold one tile of scores and values into the running (acc, m, l).
+
+    Rows with every score masked so far keep m = -inf; the max is then replaced by 0 so that
+    exp2(-inf - 0) = 0 instead of NaN, which leaves such rows at acc = 0, l = 0.
+    """
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i

@@ -1,0 +1,106 @@
+"""Launch configurations, chosen offline and looked up per call: never autotuned while serving.
+
+Everything here is plain data plus two small pure functions, so the choice is cheap (cached),
+deterministic, and depends only on quantities that stay fixed for one CUDA-graph capture:
+the head geometry, the dtype, the device architecture, whether the batch holds any query longer
+than the spec-verify bound, and the padded token / request counts.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# Split-KV (flash-decoding) is used only for batches of at most this many query tokens: the
+# workspace holding the per-segment partial results is sized for it, and beyond it the batch
+# already fills the GPU without splitting.
+MAX_SPLIT_TOKENS = 64
+# Upper bound on KV segments per sequence; a power of two so the reduce loads one vector.
+MAX_SEGMENTS = 32
+# Queries up to this length (decodes and speculative-decoding verify steps) use decode-shaped
+# tiles; longer ones use prefill-shaped tiles.
+MAX_DECODE_QUERY_LEN = 8
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile shape and launch parameters of one attention launch.
+
+    block_q: query tokens per program; block_m = block_q * padded query heads per KV head.
+    tile_n: keys per inner-loop step, independent of the KV-cache page size.
+    """
+
+    block_q: int
+    block_m: int
+    tile_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _arch() -> str:
+    """A short architecture tag for the table lookup: 'interpreter', 'hopper', 'ampere', 'cdna'."""
+    if not torch.cuda.is_available():
+        return "interpreter"
+    if torch.version.hip is not None:
+        return "cdna"
+    major, _ = torch.cuda.get_device_capability()
+    return "hopper" if major >= 9 else "ampere"
+
+
+# (arch, shape) -> (rows per program, keys per tile, warps, stages). "rows" counts query rows
+# after GQA packing (tokens x heads), which is what the tensor-core dot sees.
+_TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
+    # Small tiles keep the interpreter fast and make tiles smaller than a page (16) likely,
+    # so CPU tests cover both tile < page and tile > page (see tile_n override below).
+    ("interpreter", "decode"): (16, 16, 4, 1),
+    ("interpreter", "prefill"): (32, 32, 4, 1),
+    # Decode is bandwidth-bound: a modest row count (one token x the GQA group) and wide key
+    # tiles keep many loads in flight.
+    ("hopper", "decode"): (16, 64, 4, 3),
+    ("ampere", "decode"): (16, 64, 4, 2),
+    ("cdna", "decode"): (16, 64, 4, 1),
+    # Prefill is compute-bound: 128 query rows share each K/V tile.
+    ("hopper", "prefill"): (128, 64, 8, 3),
+    ("ampere", "prefill"): (128, 64, 8, 2),
+    ("cdna", "prefill"): (128, 64, 8, 1),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def attention_config(
+    head_size_padded: int, queries_per_kv_padded: int, max_query_len: int
+) -> AttentionConfig:
+    """The tile configuration for one launch of the unified kernel."""
+    shape = "decode" if max_query_len <= MAX_DECODE_QUERY_LEN else "prefill"
+    rows, tile_n, num_warps, num_stages = _TABLE[(_arch(), shape)]
+    if shape == "decode":
+        # One program covers every query of a short (spec-verify) request, so K/V is read once.
+        block_q = triton.next_power_of_2(max(max_query_len, 1))
+        block_m = max(rows, block_q * queries_per_kv_padded)
+    else:
+        block_m = max(rows, queries_per_kv_padded)
+        # Large heads double the register footprint of Q and the accumulator.
+        if head_size_padded >= 256 and block_m > 64:
+            block_m //= 2
+    block_q = max(block_m // queries_per_kv_padded, 1)
+    return AttentionConfig(block_q, block_q * queries_per_kv_padded, tile_n, num_warps, num_stages)
+
+
+def choose_num_segments(
+    num_tokens: int, num_reqs: int, max_query_len: int, num_kv_heads: int, num_sms: int
+) -> int:
+    """KV segments per sequence for split-KV decode; 1 means no split.
+
+    Splitting pays when the unsplit grid (about one program per request and KV head) leaves SMs
+    idle. Only padded counts are used, so the answer is fixed for each CUDA-graph size.
+    """
+    if num_tokens > MAX_SPLIT_TOKENS or max_query_len > MAX_DECODE_QUERY_LEN:
+        return 1
+    programs = max(num_reqs, 1) * num_kv_heads
+    target = 2 * num_sms  # two waves' worth hides the tail of uneven sequence lengths
+    if programs >= target:
+        return 1
+    return min(MAX_SEGMENTS, triton.next_power_of_2(triton.cdiv(target, programs)))

@@ -1,0 +1,204 @@
+"""The per-step plan: vLLM's CommonAttentionMetadata turned into what the kernels need.
+
+The builder runs once per step and KV-cache group; every layer of the group then runs the same
+plan. It obeys the rules of full CUDA graphs (the builder declares ``ALWAYS``):
+
+* no device->host synchronisation: only Python ints vLLM already has on the host are read;
+* no per-step allocation: tensors are the runner's persistent buffers, passed through, plus the
+  split-KV workspace this builder allocates once;
+* every Python scalar that shapes a launch (the segment count) depends only on the padded token
+  count, the padded request count and ``max_query_len``, so it is fixed per captured graph.
+
+Because a graph replays the launch it captured, a replayed step may run with a segment count
+that ``build`` would not have chosen for that step; the kernels are correct for any segment
+count and any query lengths, so this costs speed at most, never correctness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm_portable_attn import envs
+from vllm_portable_attn._compat import (
+    AttentionCGSupport,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    AttentionSpec,
+    CommonAttentionMetadata,
+    VllmConfig,
+    get_logger,
+    num_attention_heads_of_layers,
+)
+from vllm_portable_attn.kernels import (
+    MAX_SEGMENTS,
+    MAX_SPLIT_TOKENS,
+    SplitKVWorkspace,
+    choose_num_segments,
+)
+
+logger = get_logger(__name__)
+
+#: Routes implemented in this build. `envs.get_route()` may resolve to others (e.g. "grouped" on
+#: ROCm); those are refused at builder construction rather than silently replaced.
+AVAILABLE_ROUTES: tuple[envs.Route, ...] = ("unified",)
+
+#: Stand-in SM count on a host without a GPU (Triton's interpreter runs one program at a time,
+#: so there is nothing to fill). Tests set `builder.num_sms` to exercise split-KV on the CPU.
+CPU_NUM_SMS = 1
+
+
+@dataclass
+class PortableAttentionMetadata(AttentionMetadata):
+    """Everything one attention call needs; shared by all layers of a KV-cache group.
+
+    Tensors are views of vLLM's persistent input buffers (stable addresses under CUDA graphs).
+    """
+
+    route: envs.Route
+    num_actual_tokens: int  # padded in FULL-graph mode; rows past it are not computed
+    max_query_len: int
+    max_seq_len: int  # an upper bound on every seq_len
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32, context + new tokens; 0 for padded requests
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32, in kernel-block units
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 for padded tokens
+    num_segments: int  # split-KV segments per sequence; 1 = no split
+    workspace: SplitKVWorkspace | None  # set whenever this builder can split
+
+
+def _device_num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (CUs on ROCm) of `device`; CPU_NUM_SMS without a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_NUM_SMS
+
+
+class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentionMetadata]):
+    """Builds :class:`PortableAttentionMetadata` once per step.
+
+    Head counts come from the KV-cache spec and the layers, never from ``model_config`` alone,
+    so the builder also works with ``VllmConfig(model_config=None)`` (unit tests, tools).
+
+    Where the query-head count comes from, and why: the split-KV workspace is sized by it, and
+    must exist before the first CUDA-graph capture, so it cannot be allocated lazily in the
+    impl. The spec knows only KV heads. The layers of this group (registered in the static
+    forward context when the model is built, before any builder) know their exact per-rank
+    count, which is also right for models whose layers differ in head count; ``model_config``
+    is the fallback. With neither (a bare config in a test or tool), split-KV is disabled for
+    this builder, with a warning: every batch then runs unsplit, which is correct but slower
+    for small decode batches.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.route: envs.Route = envs.get_route()
+        if self.route not in AVAILABLE_ROUTES:
+            raise ValueError(
+                f"{envs.ROUTE_ENV} resolved to route {self.route!r}, which is not available in "
+                f"this build; valid: {', '.join(AVAILABLE_ROUTES)}"
+            )
+        self.num_kv_heads: int = kv_cache_spec.num_kv_heads
+        self.head_size: int = kv_cache_spec.head_size
+        head_size_v = getattr(kv_cache_spec, "head_size_v", self.head_size)
+        if head_size_v != self.head_size:
+            raise ValueError(
+                f"K and V head sizes differ ({self.head_size} vs {head_size_v}); "
+                "vllm_portable_attn supports equal head sizes only"
+            )
+        self.num_heads: int | None = self._resolve_num_heads(vllm_config, layer_names)
+        # Public so tests (and benchmarks) can model a GPU of another size.
+        self.num_sms: int = _device_num_sms(torch.device(device))
+
+        self.workspace: SplitKVWorkspace | None = None
+        if self.num_heads is None:
+            logger.warning_once(
+                "vllm_portable_attn: no attention layer or model config gives the query-head "
+                "count for layers %s; split-KV decode is disabled for them",
+                ", ".join(layer_names),
+            )
+        else:
+            # Persistent, so its addresses are fixed under CUDA graphs. Batches larger than
+            # MAX_SPLIT_TOKENS never split (choose_num_segments returns 1), so that bounds it.
+            self.workspace = SplitKVWorkspace.allocate(
+                max_tokens=MAX_SPLIT_TOKENS,
+                num_heads=self.num_heads,
+                head_size=self.head_size,
+                max_segments=MAX_SEGMENTS,
+                device=device,
+            )
+        logger.info_once(
+            "vllm_portable_attn: route=%s, split-KV workspace %s (query heads %s, kv heads %d, "
+            "head size %d, %d SMs)",
+            self.route,
+            "disabled"
+            if self.workspace is None
+            else f"{MAX_SPLIT_TOKENS} tokens x {MAX_SEGMENTS} segments",
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_size,
+            self.num_sms,
+        )
+
+    @staticmethod
+    def _resolve_num_heads(vllm_config: VllmConfig, layer_names: list[str]) -> int | None:
+        """Per-rank query heads of this group's layers (see the class docstring)."""
+        num_heads = num_attention_heads_of_layers(vllm_config, layer_names)
+        if num_heads is None and vllm_config.model_config is not None:
+            num_heads = vllm_config.model_config.get_num_attention_heads(
+                vllm_config.parallel_config
+            )
+        return num_heads
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> PortableAttentionMetadata:
+        """Pass the runner's tensors through and choose the split-KV segment count.
+
+        Reads only host-side ints; allocates nothing.
+        """
+        cm = common_attn_metadata
+        if common_prefix_len:
+            # Cascade attention is off unless a backend opts in via use_cascade_attention.
+            raise ValueError("cascade attention (common_prefix_len > 0) is not supported")
+        if cm.causal is not True:
+            raise ValueError("non-causal decoder attention is not supported")
+
+        num_segments = 1
+        if self.workspace is not None:
+            num_segments = choose_num_segments(
+                cm.num_actual_tokens,
+                cm.num_reqs,
+                cm.max_query_len,
+                self.num_kv_heads,
+                self.num_sms,
+            )
+            if cm.num_actual_tokens > self.workspace.max_tokens:
+                # The policy already refuses such batches; guard against a policy change.
+                num_segments = 1
+
+        return PortableAttentionMetadata(
+            route=self.route,
+            num_actual_tokens=cm.num_actual_tokens,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
+            query_start_loc=cm.query_start_loc,
+            seq_lens=cm.seq_lens,
+            block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping,
+            num_segments=num_segments,
+            workspace=self.workspace,
+        )

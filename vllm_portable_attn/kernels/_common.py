@@ -7,7 +7,7 @@ every score is multiplied by log2(e) before it meets the running maximum.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from vllm_portable_attn.kernels._common import LOG2E, find_seq_idx, online_softmax_step, tanh
-from vllm_portable_attn.kernels.configs import attention_config
+from vllm_portable_attn.kernels.configs import AttentionConfig, attention_config
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -300,6 +300,7 @@ def unified_attention(
     v_scale: torch.Tensor | None = None,
     num_segments: int = 1,
     workspace: SplitKVWorkspace | None = None,
+    config: AttentionConfig | None = None,
 ) -> None:
     """Paged attention over a mixed batch, written into `output` in place.
 
@@ -318,6 +319,8 @@ def unified_attention(
         softcap: c, scores become c * tanh(score / c).
         alibi_slopes, sinks: [num_heads] per-head ALiBi slopes and attention-sink logits.
         num_segments: split-KV segments per sequence (a power of two); > 1 needs `workspace`.
+        config: tile configuration; None looks it up in the per-architecture table. Only
+            benchmarks and config sweeps pass one.
     """
     del max_seq_len
     num_tokens, num_heads, head_size = query.shape
@@ -328,7 +331,9 @@ def unified_attention(
     queries_per_kv = num_heads // num_kv_heads
     queries_per_kv_pad = triton.next_power_of_2(queries_per_kv)
     head_pad = max(triton.next_power_of_2(head_size), 16)
-    cfg = attention_config(head_pad, queries_per_kv_pad, max_query_len)
+    cfg = config or attention_config(head_pad, queries_per_kv_pad, max_query_len)
+    if cfg.block_m != cfg.block_q * queries_per_kv_pad:
+        raise ValueError(f"{cfg} does not pack {queries_per_kv_pad} query heads per KV head")
     num_seqs = seq_lens.shape[0]
     kv_fp8 = key_cache.dtype in FP8_DTYPES
 

@@ -105,8 +105,8 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         self.route: envs.Route = envs.get_route()
         if self.route not in AVAILABLE_ROUTES:
             raise ValueError(
-                f"{envs.ROUTE_ENV} resolved to route {self.route!r}, which is not available in "
-                f"this build; valid: {', '.join(AVAILABLE_ROUTES)}"
+                f"route {self.route!r} (from {envs.ROUTE_ENV}, default 'auto') is not available "
+                f"in this build; valid: {', '.join(AVAILABLE_ROUTES)}"
             )
         self.num_kv_heads: int = kv_cache_spec.num_kv_heads
         self.head_size: int = kv_cache_spec.head_size

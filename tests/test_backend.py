@@ -1,0 +1,777 @@
+"""The backend end to end through vLLM's own objects, without an engine.
+
+Each test builds vLLM's real `VllmConfig`, `FullAttentionSpec` and `CommonAttentionMetadata`,
+then runs what vLLM runs per layer and step: builder.build() -> impl.do_kv_cache_update() ->
+impl.forward(). Results are compared with the plain-PyTorch reference on a cache written by
+plain indexing, so a wrong cache write and a wrong attention both fail. Without a GPU the
+kernels run under Triton's interpreter (tests/conftest.py), so CPU cases stay small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import pytest
+import torch
+from paged_batch import PagedBatch, make_batch, scatter_new_tokens
+from torch.utils._python_dispatch import TorchDispatchMode
+from vllm.config import CacheConfig, DeviceConfig, SchedulerConfig, VllmConfig
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_portable_attn import envs
+from vllm_portable_attn.backend import PortableAttentionBackend
+from vllm_portable_attn.impl import PortableAttentionImpl
+from vllm_portable_attn.plan import PortableAttentionMetadata, PortableAttentionMetadataBuilder
+from vllm_portable_attn.reference import paged_attention_reference
+
+LAYER = "model.layers.0.self_attn.attn"
+
+# Kernel (fp16/fp32 storage, fp32 accumulation) against the fp32 reference.
+TOLERANCE = {
+    torch.float32: dict(atol=1e-3, rtol=1e-3),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+# (query_len, context_len) in Model Runner V2 order: decodes first, then ascending query
+# length, so a fresh 17-token prompt precedes a 63-token chunked-prefill continuation.
+MIXED = [(1, 16), (1, 40), (5, 1), (17, 0), (63, 40)]
+# Decodes and spec-decode verifies (q <= 8): the batches that split KV.
+DECODES = [(1, 15), (1, 100), (3, 60), (8, 120), (1, 1)]
+
+
+class FakeAttentionLayer(AttentionLayerBase):
+    """What vLLM's Attention layer offers the impl and the builder, and nothing else.
+
+    Registered in the static forward context, where the builder finds the query-head count.
+    """
+
+    def __init__(
+        self,
+        impl: PortableAttentionImpl,
+        spec: FullAttentionSpec,
+        device: str,
+        fp8_scales: tuple[float, float] | None = None,
+    ) -> None:
+        self.impl = impl
+        self.layer_name = LAYER
+        self._spec = spec
+        k_scale, v_scale = fp8_scales or (1.0, 1.0)
+        # 0-dim fp32 device tensors, as vLLM's Attention layer holds them.
+        self._k_scale = torch.tensor(k_scale, dtype=torch.float32, device=device)
+        self._v_scale = torch.tensor(v_scale, dtype=torch.float32, device=device)
+        self._q_scale = torch.tensor(1.0, dtype=torch.float32, device=device)
+        self._k_scale_float, self._v_scale_float, self._q_scale_float = k_scale, v_scale, 1.0
+
+    def get_attn_backend(self) -> type[PortableAttentionBackend]:
+        return PortableAttentionBackend
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> FullAttentionSpec:
+        return self._spec
+
+
+def make_vllm_config(block_size: int) -> VllmConfig:
+    # model_config=None is allowed; device "cpu" because a GPU-less host cannot infer one.
+    return VllmConfig(
+        device_config=DeviceConfig(device="cpu"),
+        cache_config=CacheConfig(block_size=block_size),
+        scheduler_config=SchedulerConfig.default_factory(
+            max_num_seqs=16, max_num_batched_tokens=256
+        ),
+    )
+
+
+def common_metadata(batch: PagedBatch, *, padded: bool) -> CommonAttentionMetadata:
+    """vLLM's per-step metadata for `batch`.
+
+    padded=True is FULL-graph mode: num_actual_tokens counts the padding tokens too.
+    """
+    qsl = batch.query_start_loc
+    return CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl.cpu(),
+        seq_lens=batch.seq_lens,
+        num_reqs=batch.seq_lens.shape[0],
+        num_actual_tokens=batch.query.shape[0] if padded else batch.num_actual_tokens,
+        max_query_len=batch.max_query_len,
+        max_seq_len=batch.max_seq_len,
+        block_table_tensor=batch.block_table,
+        slot_mapping=batch.slot_mapping,
+        seq_lens_cpu_upper_bound=batch.seq_lens.cpu(),
+    )
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: VllmConfig
+    spec: FullAttentionSpec
+    impl: PortableAttentionImpl
+    layer: FakeAttentionLayer
+    builder: PortableAttentionMetadataBuilder
+
+
+def make_setup(
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str,
+    kv_cache_dtype: str = "auto",
+    fp8_scales: tuple[float, float] | None = None,
+    register_layer: bool = True,
+    **impl_features: object,
+) -> Setup:
+    """Construct impl, layer and builder in vLLM's order: layers at model init, then builders."""
+    cfg = make_vllm_config(block_size)
+    spec = FullAttentionSpec(
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        dtype=torch.uint8 if kv_cache_dtype.startswith("fp8") else dtype,
+        sliding_window=impl_features.get("sliding_window"),
+    )
+    impl_cls = PortableAttentionBackend.get_impl_cls()
+    impl = impl_cls(
+        num_heads,
+        head_size,
+        head_size**-0.5,
+        num_kv_heads,
+        impl_features.get("alibi_slopes"),
+        impl_features.get("sliding_window"),
+        kv_cache_dtype,
+        impl_features.get("logits_soft_cap"),
+        AttentionType.DECODER,
+        None,
+        **({"sinks": impl_features["sinks"]} if "sinks" in impl_features else {}),
+    )
+    layer = FakeAttentionLayer(impl, spec, device, fp8_scales)
+    if register_layer:
+        cfg.compilation_config.static_forward_context[LAYER] = layer
+    builder = PortableAttentionBackend.get_builder_cls()(spec, [LAYER], cfg, torch.device(device))
+    return Setup(cfg, spec, impl, layer, builder)
+
+
+def oracle_copy(batch: PagedBatch) -> PagedBatch:
+    """The batch with its own copy of the cache, the new tokens scattered in by plain torch."""
+    physical = batch.kv_cache.permute(0, 2, 1, 3).clone()
+    kv_cache = physical.permute(0, 2, 1, 3)
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(batch.head_size, dim=-1)
+    oracle = dataclasses.replace(
+        batch, kv_cache=kv_cache, key_cache=key_cache, value_cache=value_cache
+    )
+    scatter_new_tokens(oracle)
+    return oracle
+
+
+def run_step(setup: Setup, batch: PagedBatch, md: PortableAttentionMetadata) -> torch.Tensor:
+    """do_kv_cache_update + forward, as vLLM's two custom ops call them; NaN-poisoned output."""
+    setup.impl.do_kv_cache_update(
+        setup.layer, batch.key, batch.value, batch.kv_cache, batch.slot_mapping
+    )
+    output = torch.full_like(batch.query, float("nan"))
+    returned = setup.impl.forward(
+        setup.layer, batch.query, batch.key, batch.value, batch.kv_cache, md, output=output
+    )
+    assert returned is output
+    return output
+
+
+def reference(setup: Setup, oracle: PagedBatch, **features: object) -> torch.Tensor:
+    out = torch.full(oracle.query.shape, float("nan"), dtype=torch.float32, device="cpu")
+    paged_attention_reference(
+        oracle.query.cpu(),
+        oracle.key_cache.cpu(),
+        oracle.value_cache.cpu(),
+        out,
+        oracle.query_start_loc.cpu(),
+        oracle.seq_lens.cpu(),
+        oracle.block_table.cpu(),
+        max_query_len=oracle.max_query_len,
+        max_seq_len=oracle.max_seq_len,
+        softmax_scale=setup.impl.scale,
+        **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in features.items()},
+    )
+    return out
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, num_real: int) -> None:
+    tolerance = TOLERANCE[got.dtype]
+    got, want = got[:num_real].float().cpu(), want[:num_real]
+    assert not got.isnan().any(), "real output rows were left unwritten (NaN)"
+    err = (got - want).abs().max().item()
+    torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"max abs err {err:.3g}\n{m}")
+
+
+def check_cache_write(batch: PagedBatch, oracle: PagedBatch) -> None:
+    assert torch.equal(batch.key_cache, oracle.key_cache), "K cache differs from plain scatter"
+    assert torch.equal(batch.value_cache, oracle.value_cache), "V cache differs from scatter"
+
+
+# --------------------------------------------------------------------------- end to end
+
+CASES = {
+    # name: (dtype, block_size, head_size, padded, impl features)
+    "fp16-bs16-padded": (torch.float16, 16, 64, True, {}),
+    "fp32-bs32-eager": (torch.float32, 32, 32, False, {}),
+    "fp16-bs16-window-softcap-sinks": (
+        torch.float16,
+        16,
+        64,
+        True,
+        dict(sliding_window=20, logits_soft_cap=25.0, sinks="random"),
+    ),
+    "fp32-bs32-alibi": (torch.float32, 32, 32, False, dict(alibi_slopes="standard")),
+}
+
+
+def materialise(features: dict, num_heads: int, dtype: torch.dtype, device: str) -> dict:
+    """Turn feature placeholders into the objects vLLM would pass (sinks: a model parameter)."""
+    features = dict(features)
+    gen = torch.Generator().manual_seed(11)
+    if features.get("sinks") == "random":
+        features["sinks"] = (torch.randn(num_heads, generator=gen) * 2).to(dtype).to(device)
+    if features.get("alibi_slopes") == "standard":
+        features["alibi_slopes"] = [2.0 ** (-8.0 * (i + 1) / num_heads) for i in range(num_heads)]
+    return features
+
+
+def reference_features(features: dict) -> dict:
+    """The same features in the reference's (= kernel launcher's) vocabulary."""
+    out = {}
+    if "sliding_window" in features:
+        out["sliding_window"] = features["sliding_window"]
+    if "logits_soft_cap" in features:
+        out["softcap"] = features["logits_soft_cap"]
+    if "sinks" in features:
+        out["sinks"] = features["sinks"].float()
+    if "alibi_slopes" in features:
+        out["alibi_slopes"] = torch.tensor(features["alibi_slopes"], dtype=torch.float32)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_mixed_batch_end_to_end(case: tuple, device: str) -> None:
+    dtype, block_size, head_size, padded, features = case
+    num_heads, num_kv_heads = 8, 2  # GQA 4:1
+    features = materialise(features, num_heads, dtype, device)
+    setup = make_setup(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        block_size=block_size,
+        dtype=dtype,
+        device=device,
+        **features,
+    )
+    batch = make_batch(
+        MIXED,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        page_size=block_size,
+        dtype=dtype,
+        device=device,
+        num_padded_requests=2,
+        num_padding_tokens=3,
+        seed=5,
+    )
+    oracle = oracle_copy(batch)
+
+    md = setup.builder.build(0, common_metadata(batch, padded=padded))
+    assert md.num_segments == 1  # prefill-shaped batch: never split
+    output = run_step(setup, batch, md)
+
+    check_cache_write(batch, oracle)
+    assert_matches(
+        output, reference(setup, oracle, **reference_features(features)), batch.num_actual_tokens
+    )
+    if not padded:
+        # forward() runs on query[:num_actual_tokens] only; rows past it stay untouched.
+        assert output[batch.num_actual_tokens :].isnan().all()
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_split_kv_decode_end_to_end(block_size: int, device: str) -> None:
+    """A decode / spec-verify batch on a 132-SM GPU's worth of segments, padded as in FULL mode."""
+    dtype = torch.float16
+    setup = make_setup(
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        block_size=block_size,
+        dtype=dtype,
+        device=device,
+    )
+    setup.builder.num_sms = 132
+    assert setup.builder.workspace is not None
+    for buf in (
+        setup.builder.workspace.partial_out,
+        setup.builder.workspace.partial_max,
+        setup.builder.workspace.partial_sum,
+    ):
+        buf.fill_(float("nan"))
+    batch = make_batch(
+        DECODES,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        page_size=block_size,
+        dtype=dtype,
+        device=device,
+        num_padded_requests=2,
+        num_padding_tokens=3,
+        seed=7,
+    )
+    oracle = oracle_copy(batch)
+
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    assert md.num_segments > 1 and md.workspace is setup.builder.workspace
+    output = run_step(setup, batch, md)
+
+    check_cache_write(batch, oracle)
+    assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+
+
+def test_full_graph_replay_with_stale_launch_scalars(device: str) -> None:
+    """Under cudagraph_mode=FULL a graph captured for a decode-shaped batch is replayed for a
+    mixed batch of the same padded size: vLLM refills the persistent input buffers in place,
+    while the launch keeps the scalars of capture time (max_query_len=1, split-KV segments).
+    The result must still be right."""
+    dtype, block_size, num_tokens, num_reqs = torch.float16, 16, 24, 4
+    setup = make_setup(
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        block_size=block_size,
+        dtype=dtype,
+        device=device,
+    )
+    setup.builder.num_sms = 132
+    shape = dict(
+        num_heads=8, num_kv_heads=2, head_size=64, page_size=block_size, dtype=dtype, device=device
+    )
+    captured = make_batch(
+        [(1, 30), (1, 7), (1, 50), (1, 3)],
+        **shape,
+        num_padding_tokens=num_tokens - num_reqs,
+        seed=1,
+    )
+    replayed = make_batch([(1, 20), (2, 9), (13, 0), (8, 33)], **shape, seed=2)
+    assert replayed.query.shape[0] == num_tokens == captured.query.shape[0]
+
+    # The runner's persistent buffers, wide enough for both batches' block tables.
+    width = max(captured.block_table.shape[1], replayed.block_table.shape[1])
+    persistent = dict(
+        query_start_loc=torch.zeros(num_reqs + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.zeros(num_reqs, dtype=torch.int32, device=device),
+        block_table=torch.zeros(num_reqs, width, dtype=torch.int32, device=device),
+        slot_mapping=torch.zeros(num_tokens, dtype=torch.int64, device=device),
+    )
+
+    def load(batch: PagedBatch) -> PagedBatch:
+        for name, buf in persistent.items():
+            src = getattr(batch, name)
+            buf.zero_()
+            buf[tuple(slice(0, n) for n in src.shape)] = src
+        return dataclasses.replace(batch, **persistent)
+
+    md = setup.builder.build(0, common_metadata(load(captured), padded=True))
+    assert md.max_query_len == 1 and md.num_segments > 1
+
+    replayed = load(replayed)
+    oracle = oracle_copy(replayed)
+    output = run_step(setup, replayed, md)  # the decode-time plan, the mixed batch's data
+    check_cache_write(replayed, oracle)
+    assert_matches(output, reference(setup, oracle), replayed.num_actual_tokens)
+
+
+def fp8_batch(
+    batch: PagedBatch, fp8: torch.dtype, k_scale: float, v_scale: float, *, exact: bool
+) -> PagedBatch:
+    """`batch` with an fp8 cache laid out as vLLM allocates it: uint8 storage, NHD strides.
+
+    exact=True makes every new K/V value an fp8 value times its scale, so quantizing it needs
+    no rounding. Triton 3.6's interpreter rounds fp32->fp8 wrongly when rounding up crosses a
+    power of two (1.9997 -> 1.0), so CPU runs need this to compare the write exactly.
+    """
+    half = batch.head_size
+    physical = batch.kv_cache.permute(0, 2, 1, 3).float()
+    quantized = torch.cat([physical[..., :half] / k_scale, physical[..., half:] / v_scale], -1)
+    kv_cache = quantized.to(fp8).view(torch.uint8).permute(0, 2, 1, 3)
+    key_cache, value_cache = kv_cache.view(fp8).transpose(1, 2).split(half, dim=-1)
+    key, value = batch.key, batch.value
+    if exact:
+        key = ((key.float() / k_scale).to(fp8).float() * k_scale).to(key.dtype)
+        value = ((value.float() / v_scale).to(fp8).float() * v_scale).to(value.dtype)
+    return dataclasses.replace(
+        batch,
+        kv_cache=kv_cache,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        key=key,
+        value=value,
+    )
+
+
+def run_fp8_case(setup: Setup, batch: PagedBatch, *, split: bool, tolerance: dict) -> None:
+    """One step on an fp8 cache; the write and the attention checked against plain torch."""
+    k_scale, v_scale = setup.layer._k_scale_float, setup.layer._v_scale_float
+    fp8 = setup.impl.fp8_dtype
+    want_k, want_v = batch.key_cache.clone(), batch.value_cache.clone()
+    valid = batch.slot_mapping >= 0
+    slots = batch.slot_mapping[valid]
+    page_size = batch.key_cache.shape[1]
+    blocks, offsets = slots // page_size, slots % page_size
+    want_k[blocks, offsets] = (batch.key[: len(valid)][valid].float() / k_scale).to(fp8)
+    want_v[blocks, offsets] = (batch.value[: len(valid)][valid].float() / v_scale).to(fp8)
+
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    assert (md.num_segments > 1) == split
+    output = run_step(setup, batch, md)
+
+    assert torch.equal(batch.key_cache.view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(batch.value_cache.view(torch.uint8), want_v.view(torch.uint8))
+    oracle = dataclasses.replace(batch, key_cache=want_k, value_cache=want_v)
+    ref = reference(setup, oracle, k_scale=setup.layer._k_scale, v_scale=setup.layer._v_scale)
+    n = batch.num_actual_tokens
+    got = output[:n].float().cpu()
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, ref[:n], **tolerance)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["mixed", "split"])
+def test_fp8_kv_cache_end_to_end(split: bool, device: str) -> None:
+    """fp8 KV cache at small sizes: the uint8 cache viewed as fp8, the layer's scales used."""
+    setup = make_setup(
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        block_size=16,
+        dtype=torch.float16,
+        device=device,
+        kv_cache_dtype="fp8",
+        fp8_scales=(0.5, 0.25),
+    )
+    setup.builder.num_sms = 132
+    batch = make_batch(
+        DECODES if split else MIXED,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        page_size=16,
+        dtype=torch.float16,
+        device=device,
+        num_padded_requests=1,
+        num_padding_tokens=2,
+        seed=3,
+    )
+    batch = fp8_batch(batch, setup.impl.fp8_dtype, 0.5, 0.25, exact=True)
+    run_fp8_case(setup, batch, split=split, tolerance=TOLERANCE[torch.float16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
+def test_gpu_bf16_fp8_end_to_end(split: bool, device: str) -> None:
+    """Real sizes on a GPU: bf16 model, fp8 KV cache, arbitrary (rounded) new K/V values."""
+    requests = [(1, 3000), (1, 17), (4, 900)] if split else [(1, 2000), (300, 1000), (700, 0)]
+    setup = make_setup(
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        block_size=16,
+        dtype=torch.bfloat16,
+        device=device,
+        kv_cache_dtype="fp8",
+        fp8_scales=(0.5, 0.25),
+    )
+    batch = make_batch(
+        requests,
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        page_size=16,
+        dtype=torch.bfloat16,
+        device=device,
+        num_padded_requests=2,
+        num_padding_tokens=3,
+    )
+    batch = fp8_batch(batch, setup.impl.fp8_dtype, 0.5, 0.25, exact=False)
+    run_fp8_case(setup, batch, split=split, tolerance=TOLERANCE[torch.bfloat16])
+
+
+# ---------------------------------------------------------------------- edge behaviour
+
+
+def test_profiling_run_without_metadata_returns_zeros(device: str) -> None:
+    setup = make_setup(
+        num_heads=4, num_kv_heads=1, head_size=32, block_size=16, dtype=torch.float16, device=device
+    )
+    query = torch.randn(5, 4, 32, dtype=torch.float16, device=device)
+    output = torch.full_like(query, float("nan"))
+    placeholder_cache = torch.tensor([], device=device)  # what vLLM passes while profiling
+    returned = setup.impl.forward(
+        setup.layer, query, query[:, :1], query[:, :1], placeholder_cache, None, output=output
+    )
+    assert returned is output and torch.equal(output, torch.zeros_like(output))
+
+
+def test_fused_output_quant_is_refused(device: str) -> None:
+    setup = make_setup(
+        num_heads=4, num_kv_heads=1, head_size=32, block_size=16, dtype=torch.float16, device=device
+    )
+    query = torch.randn(2, 4, 32, dtype=torch.float16, device=device)
+    with pytest.raises(NotImplementedError, match="output quantization"):
+        setup.impl.forward(
+            setup.layer,
+            query,
+            None,
+            None,
+            torch.tensor([]),
+            None,
+            output=torch.empty_like(query),
+            output_scale=torch.tensor(1.0),
+        )
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every tensor operation dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_build_runs_no_tensor_ops(device: str) -> None:
+    """build() passes vLLM's tensors through: no allocation, no copy, no .item()/.cpu().
+    A tensor op of any kind (hence any device->host sync) would be recorded here."""
+    setup = make_setup(
+        num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
+    )
+    setup.builder.num_sms = 132
+    for requests in (MIXED, DECODES):
+        batch = make_batch(
+            requests,
+            num_heads=8,
+            num_kv_heads=2,
+            head_size=64,
+            page_size=16,
+            dtype=torch.float16,
+            device=device,
+            num_padded_requests=1,
+        )
+        cm = common_metadata(batch, padded=True)
+        with _RecordOps() as recorder:
+            md = setup.builder.build(0, cm)
+        assert recorder.ops == []
+        assert md.query_start_loc is cm.query_start_loc and md.seq_lens is cm.seq_lens
+        assert md.block_table is cm.block_table_tensor and md.slot_mapping is cm.slot_mapping
+        assert md.workspace is setup.builder.workspace
+
+
+def test_segment_choice_depends_on_padded_counts_only(device: str) -> None:
+    """Two steps with the same padded shape but different lengths get the same plan."""
+    setup = make_setup(
+        num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
+    )
+    setup.builder.num_sms = 132
+    shape = dict(
+        num_heads=8, num_kv_heads=2, head_size=64, page_size=16, dtype=torch.float16, device=device
+    )
+    a = make_batch([(1, 5), (1, 300), (1, 2)], **shape, num_padding_tokens=5)
+    b = make_batch([(1, 900), (1, 1), (1, 64)], **shape, num_padding_tokens=5)
+    plans = [setup.builder.build(0, common_metadata(x, padded=True)).num_segments for x in (a, b)]
+    assert plans[0] == plans[1] > 1
+
+
+def test_builder_reads_head_counts_without_model_config(device: str) -> None:
+    setup = make_setup(
+        num_heads=12,
+        num_kv_heads=3,
+        head_size=64,
+        block_size=16,
+        dtype=torch.float16,
+        device=device,
+    )
+    assert setup.cfg.model_config is None
+    assert setup.builder.num_heads == 12 and setup.builder.num_kv_heads == 3
+    assert setup.builder.workspace.partial_max.shape[1] == 12
+    assert (
+        PortableAttentionMetadataBuilder.get_cudagraph_support(setup.cfg, setup.spec)
+        is AttentionCGSupport.ALWAYS
+    )
+
+
+@pytest.fixture
+def plan_log() -> Iterator[list[logging.LogRecord]]:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("vllm.portable_attn.plan")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_unknown_query_heads_disable_split_with_a_warning(
+    device: str, plan_log: list[logging.LogRecord]
+) -> None:
+    setup = make_setup(
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        block_size=16,
+        dtype=torch.float16,
+        device=device,
+        register_layer=False,
+    )
+    assert setup.builder.num_heads is None and setup.builder.workspace is None
+    assert any("split-KV decode is disabled" in r.getMessage() for r in plan_log)
+    setup.builder.num_sms = 132
+    batch = make_batch(
+        DECODES,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        page_size=16,
+        dtype=torch.float16,
+        device=device,
+    )
+    assert setup.builder.build(0, common_metadata(batch, padded=False)).num_segments == 1
+
+
+def test_builder_rejects_cascade_and_non_causal(device: str) -> None:
+    setup = make_setup(
+        num_heads=4, num_kv_heads=1, head_size=32, block_size=16, dtype=torch.float16, device=device
+    )
+    batch = make_batch(
+        [(3, 4)],
+        num_heads=4,
+        num_kv_heads=1,
+        head_size=32,
+        page_size=16,
+        dtype=torch.float16,
+        device=device,
+    )
+    cm = common_metadata(batch, padded=False)
+    with pytest.raises(ValueError, match="cascade"):
+        setup.builder.build(16, cm)
+    with pytest.raises(ValueError, match="non-causal"):
+        setup.builder.build(0, dataclasses.replace(cm, causal=False))
+
+
+# ------------------------------------------------------------------- impl construction
+
+IMPL_ARGS = (8, 64, 0.125, 2, None, None, "auto", None, AttentionType.DECODER, None)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({8: AttentionType.ENCODER}, NotImplementedError, "decoder self-attention only"),
+        ({8: AttentionType.ENCODER_ONLY}, NotImplementedError, "decoder self-attention only"),
+        ({8: AttentionType.ENCODER_DECODER}, NotImplementedError, "decoder self-attention"),
+        ({6: "fp8_e5m2"}, ValueError, "kv_cache_dtype 'fp8_e5m2' is not supported"),
+        ({3: 3}, ValueError, "not a multiple of num_kv_heads"),
+        ({5: 0}, ValueError, "sliding_window must be positive"),
+        ({4: [0.5] * 7}, ValueError, "7 ALiBi slopes for 8 heads"),
+        ({"sinks": torch.zeros(4)}, ValueError, r"sinks must have shape \(8,\)"),
+        ({"use_alibi_sqrt": True}, ValueError, "use_alibi_sqrt=True"),
+        ({"chunk_lookback": 128}, ValueError, "chunk_lookback=128"),
+        ({"block_m": 64}, ValueError, r"does not support the attention arguments \['block_m'\]"),
+    ],
+    ids=[
+        "encoder",
+        "encoder_only",
+        "cross",
+        "e5m2",
+        "heads",
+        "window0",
+        "alibi",
+        "sinks",
+        "alibi_sqrt",
+        "chunk_lookback",
+        "unknown_kwarg",
+    ],
+)
+def test_impl_rejects_unsupported(change: dict, error: type, match: str) -> None:
+    args = list(IMPL_ARGS)
+    kwargs = {}
+    for key, value in change.items():
+        if isinstance(key, int):
+            args[key] = value
+        else:
+            kwargs[key] = value
+    with pytest.raises(error, match=match):
+        PortableAttentionImpl(*args, **kwargs)
+
+
+def test_impl_accepts_vllm_defaults_for_optional_args() -> None:
+    impl = PortableAttentionImpl(*IMPL_ARGS, sinks=None, use_alibi_sqrt=False, chunk_lookback=-1)
+    assert impl.sliding_window is None and impl.logits_soft_cap is None and impl.sinks is None
+    # vLLM's "no softcap" is 0 as well as None.
+    assert PortableAttentionImpl(*IMPL_ARGS[:7], 0.0, *IMPL_ARGS[8:]).logits_soft_cap is None
+
+
+# ------------------------------------------------------------------------------- routes
+
+
+@pytest.fixture
+def route_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    envs.reset_cache()
+    yield monkeypatch
+    monkeypatch.undo()
+    envs.reset_cache()
+
+
+@pytest.mark.parametrize(
+    "value, hip, route",
+    [
+        (None, None, "unified"),
+        ("", None, "unified"),
+        ("auto", None, "unified"),
+        ("auto", "6.4", "grouped"),
+        (None, "6.4", "grouped"),
+        (" Unified ", "6.4", "unified"),
+        ("GROUPED", None, "grouped"),
+    ],
+)
+def test_route_parsing(route_env: pytest.MonkeyPatch, value, hip, route: str) -> None:
+    if value is None:
+        route_env.delenv(envs.ROUTE_ENV, raising=False)
+    else:
+        route_env.setenv(envs.ROUTE_ENV, value)
+    route_env.setattr(torch.version, "hip", hip)
+    assert envs.get_route() == route
+
+
+def test_route_rejects_bad_value(route_env: pytest.MonkeyPatch) -> None:
+    route_env.setenv(envs.ROUTE_ENV, "fastest")
+    with pytest.raises(ValueError, match="valid values: auto, unified, grouped"):
+        envs.get_route()
+
+
+@pytest.mark.parametrize("value, hip", [("grouped", None), ("auto", "6.4")])
+def test_unavailable_route_fails_at_builder_construction(
+    route_env: pytest.MonkeyPatch, value: str, hip: str | None, device: str
+) -> None:
+    route_env.setenv(envs.ROUTE_ENV, value)
+    route_env.setattr(torch.version, "hip", hip)
+    with pytest.raises(ValueError, match="route 'grouped'.*not available.*valid: unified"):
+        make_setup(
+            num_heads=4,
+            num_kv_heads=1,
+            head_size=32,
+            block_size=16,
+            dtype=torch.float16,
+            device=device,
+        )

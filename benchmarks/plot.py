@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         print("plot: matplotlib is not installed; no plot written")
         return 0
 
+    if not Path(args.results).is_file():
+        print(f"plot: {args.results} does not exist; no plot written")
+        return 0
     rows = C.read_jsonl(args.results)
     kern = [r for r in rows if r.get("kind") == "kernel"]
     providers = [p for p in args.providers.split(",") if p]

@@ -134,6 +134,11 @@ say "vLLM importable: $([ $HAVE_VLLM = 1 ] && echo yes || echo no)"
 
 # The project: installed so vLLM's general-plugin entry point finds it in every process.
 install_project() {
+  if python3 -c 'import sys; from importlib.metadata import entry_points as e; sys.exit(not any(x.value == "vllm_portable_attn:register" for x in e(group="vllm.general_plugins")))' 2>/dev/null &&
+    python3 -c 'import vllm_portable_attn, sys; sys.exit(not vllm_portable_attn.__file__.startswith(sys.argv[1]))' "$REPO" 2>/dev/null; then
+    say "project already installed (editable, this tree)"
+    return
+  fi
   say "--- installing the project (pip -e, offline)"
   if timeout 240 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1; then
     say "project installed"

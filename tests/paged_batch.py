@@ -79,7 +79,7 @@ def make_batch(
     value = randn(num_tokens, num_kv_heads, head_size)
 
     slots = []
-    for r, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens)):
+    for r, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens, strict=True)):
         for pos in range(seq_len - q_len, seq_len):
             slots.append(int(block_table[r, pos // page_size]) * page_size + pos % page_size)
     slot_mapping = torch.tensor(slots + [-1] * num_padding_tokens, dtype=torch.int64)

@@ -8,84 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_check import run_and_check
 from paged_batch import PagedBatch, make_batch, scatter_new_tokens
 
 from vllm_portable_attn.kernels import (
-    MAX_SEGMENTS,
     MAX_SPLIT_TOKENS,
-    SplitKVWorkspace,
     choose_num_segments,
     unified_attention,
     write_kv_cache,
 )
-from vllm_portable_attn.reference import paged_attention_reference
-
-# Kernel error against an fp64 reference. fp16/bf16 round P and the output once each.
-TOLERANCE = {
-    torch.float32: dict(atol=2e-4, rtol=2e-4),
-    torch.float16: dict(atol=5e-3, rtol=5e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
 
 # (query_len, context_len): decodes, a chunked-prefill continuation, fresh prompts, odd lengths.
 MIXED = [(1, 16), (17, 0), (63, 40), (1, 129), (5, 1), (129, 0)]
 DECODES = [(1, 15), (1, 100), (1, 1), (1, 64)]
-
-
-def run_and_check(
-    batch: PagedBatch,
-    *,
-    num_segments: int = 1,
-    fp8: bool = False,
-    **features: object,
-) -> None:
-    """Run the kernel and the reference on the same batch and compare the real tokens."""
-    key_cache, value_cache, scales = batch.key_cache, batch.value_cache, {}
-    if fp8:
-        scales = dict(
-            k_scale=torch.tensor(0.5, device=key_cache.device),
-            v_scale=torch.tensor(0.25, device=key_cache.device),
-        )
-        key_cache = (key_cache.float() / scales["k_scale"]).to(torch.float8_e4m3fn)
-        value_cache = (value_cache.float() / scales["v_scale"]).to(torch.float8_e4m3fn)
-    workspace = None
-    if num_segments > 1:
-        workspace = SplitKVWorkspace.allocate(
-            MAX_SPLIT_TOKENS, batch.query.shape[1], batch.head_size, MAX_SEGMENTS,
-            batch.query.device,
-        )  # fmt: skip
-        workspace.partial_out.fill_(float("nan"))
-        workspace.partial_max.fill_(float("nan"))
-        workspace.partial_sum.fill_(float("nan"))
-
-    args = (key_cache, value_cache)
-    common = dict(
-        max_query_len=batch.max_query_len,
-        max_seq_len=batch.max_seq_len,
-        softmax_scale=batch.head_size**-0.5,
-        **scales,
-        **features,
-    )
-    out = torch.full_like(batch.query, float("nan"))
-    unified_attention(
-        batch.query, *args, out, batch.query_start_loc, batch.seq_lens, batch.block_table,
-        num_segments=num_segments, workspace=workspace, **common,
-    )  # fmt: skip
-    ref = torch.full_like(batch.query, float("nan"), dtype=torch.float64)
-    paged_attention_reference(
-        batch.query, *args, ref, batch.query_start_loc, batch.seq_lens, batch.block_table,
-        compute_dtype=torch.float64, **common,
-    )  # fmt: skip
-
-    n = batch.num_actual_tokens
-    got, want = out[:n].double(), ref[:n]
-    assert not got.isnan().any(), "kernel left real output rows unwritten (NaN)"
-    err = (got - want).abs().max().item()
-    torch.testing.assert_close(
-        got, want, **TOLERANCE[batch.query.dtype], msg=lambda m: f"max abs err {err:.3g}\n{m}"
-    )
-    # Padding tokens belong to no request; the kernel must not write them.
-    assert out[n:].isnan().all(), "kernel wrote output rows of padding tokens"
 
 
 def cpu_batch(requests: list[tuple[int, int]], **overrides: object) -> PagedBatch:

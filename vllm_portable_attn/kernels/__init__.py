@@ -4,21 +4,39 @@ Each module holds one kernel family and one public launcher; this package re-exp
 """
 
 from vllm_portable_attn.kernels.cache_write import write_kv_cache
+from vllm_portable_attn.kernels.classify import (
+    GROUP_DECODE,
+    GROUP_EXTEND,
+    GROUP_PADDING,
+    GROUP_PREFILL,
+    RequestGroups,
+    classify_requests,
+)
 from vllm_portable_attn.kernels.configs import (
+    MAX_DECODE_QUERY_LEN,
     MAX_SEGMENTS,
     MAX_SPLIT_TOKENS,
     attention_config,
     choose_num_segments,
 )
+from vllm_portable_attn.kernels.grouped import grouped_attention
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
 from vllm_portable_attn.kernels.unified import unified_attention
 
 __all__ = [
+    "GROUP_DECODE",
+    "GROUP_EXTEND",
+    "GROUP_PADDING",
+    "GROUP_PREFILL",
+    "MAX_DECODE_QUERY_LEN",
     "MAX_SEGMENTS",
     "MAX_SPLIT_TOKENS",
+    "RequestGroups",
     "SplitKVWorkspace",
     "attention_config",
     "choose_num_segments",
+    "classify_requests",
+    "grouped_attention",
     "merge_segments",
     "unified_attention",
     "write_kv_cache",

@@ -12,27 +12,30 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def find_seq_idx(
-    query_start_loc_ptr,  # [num_seqs + 1] int32
+    cu_q_ptr,  # [n + 1] int32, cumulative query lengths of the sequences searched
+    lo,
+    hi,
     q_block_idx,
-    num_seqs,
     BLOCK_Q: tl.constexpr,
 ):
-    """The sequence that owns global query block `q_block_idx`.
+    """The entry i in [lo, hi) whose query blocks contain block `q_block_idx`; lo - 1 if none.
 
-    Sequence i owns the blocks starting at query_start_loc[i] // BLOCK_Q + i; that start is
-    non-decreasing in i, so a binary search finds the last sequence whose start is <= the block.
-    The `+ i` reserves one spare block per sequence, which is why the grid needs no host sync.
+    Entry i owns the blocks starting at (cu_q[i] - cu_q[lo]) // BLOCK_Q + (i - lo); that start
+    is non-decreasing in i, so a binary search finds the last entry whose start is <= the block.
+    The `+ (i - lo)` reserves one spare block per entry, which is why a grid of
+    `num_tokens // BLOCK_Q + num_seqs` blocks covers any batch without a host sync.
     """
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+    base = tl.load(cu_q_ptr + lo)
+    left = lo
+    right = hi
+    while left < right:
+        mid = (left + right) // 2
+        start = (tl.load(cu_q_ptr + mid) - base) // BLOCK_Q + (mid - lo)
         if start <= q_block_idx:
-            lo = mid + 1
+            left = mid + 1
         else:
-            hi = mid
-    return lo - 1
+            right = mid
+    return left - 1
 
 
 @triton.jit

@@ -56,12 +56,8 @@ def _write_kv_cache_kernel(
         v = v.to(tl.float32) / tl.load(v_scale_ptr)
     k_dst = key_cache_ptr + block * stride_kc_block + offset * stride_kc_slot
     v_dst = value_cache_ptr + block * stride_vc_block + offset * stride_vc_slot
-    tl.store(
-        k_dst + head * stride_kc_head + dim, k.to(key_cache_ptr.dtype.element_ty), mask=mask
-    )
-    tl.store(
-        v_dst + head * stride_vc_head + dim, v.to(value_cache_ptr.dtype.element_ty), mask=mask
-    )
+    tl.store(k_dst + head * stride_kc_head + dim, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst + head * stride_vc_head + dim, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv_cache(
@@ -85,11 +81,13 @@ def write_kv_cache(
     num_tokens = slot_mapping.shape[0]
     _, num_kv_heads, head_size = key.shape
     if key.shape[0] < num_tokens or value.shape[:2] != key.shape[:2]:
-        raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} do not cover "
-                         f"{num_tokens} slots")
+        raise ValueError(
+            f"key {tuple(key.shape)} / value {tuple(value.shape)} do not cover {num_tokens} slots"
+        )
     if key_cache.shape[2:] != (num_kv_heads, head_size) or key_cache.shape != value_cache.shape:
-        raise ValueError(f"cache shape {tuple(key_cache.shape)} does not match key "
-                         f"{tuple(key.shape)}")
+        raise ValueError(
+            f"cache shape {tuple(key_cache.shape)} does not match key {tuple(key.shape)}"
+        )
     quantize = key_cache.element_size() == 1
     if quantize and (k_scale is None or v_scale is None):
         raise ValueError("an fp8 KV cache needs k_scale and v_scale")

@@ -90,10 +90,10 @@ def _merge_segments_kernel(
     offs_d = tl.arange(0, HEAD_PAD)
     stat = token * stride_pm_token + head * stride_pm_head + offs_s
     m = tl.load(partial_max_ptr + stat)
-    l = tl.load(partial_sum_ptr + stat)
+    seg_sum = tl.load(partial_sum_ptr + stat)
     m_max = tl.max(m, axis=0)
     weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    denom = tl.sum(weight * l, axis=0)
+    denom = tl.sum(weight * seg_sum, axis=0)
     acc = tl.load(
         partial_out_ptr + token * stride_po_token + head * stride_po_head
         + offs_s[:, None] * stride_po_seg + offs_d[None, :]

@@ -1,0 +1,143 @@
+"""The grouped route (classifier + per-group kernels) against the reference, in any batch order.
+
+vLLM's V1 runner orders decode -> extend -> prefill only when asked; the V2 runner puts decodes
+first and then sorts by query length, so a short fresh prompt can precede a long extend. The
+grouped route must not care, so every case runs in several orders.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from kernel_check import run_and_check
+from paged_batch import make_batch
+
+from vllm_portable_attn.kernels import (
+    GROUP_DECODE,
+    GROUP_EXTEND,
+    GROUP_PADDING,
+    GROUP_PREFILL,
+    RequestGroups,
+    classify_requests,
+)
+
+DECODES = [(1, 33), (1, 7), (4, 20)]  # (query_len, context_len); q 4 is a spec-verify step
+EXTENDS = [(40, 17), (9, 100)]  # chunked-prefill continuations / prefix-cache hits
+PREFILLS = [(5, 0), (70, 0)]
+
+
+def v1_order() -> list[tuple[int, int]]:
+    return DECODES + EXTENDS + PREFILLS
+
+
+def v2_order() -> list[tuple[int, int]]:
+    """Decodes first, then everything else by ascending query length."""
+    return DECODES + sorted(EXTENDS + PREFILLS, key=lambda r: r[0])
+
+
+def random_order() -> list[tuple[int, int]]:
+    requests = v1_order()
+    random.Random(5).shuffle(requests)
+    return requests
+
+
+ORDERS = {
+    "v1": v1_order(),
+    "v2": v2_order(),
+    "random": random_order(),
+    "all_decode": DECODES,
+    "all_prefill": PREFILLS,
+    "prefix_hits": EXTENDS,
+}
+
+
+def batch(requests: list[tuple[int, int]], **overrides: object):
+    kwargs = dict(
+        num_heads=8, num_kv_heads=2, head_size=32, page_size=16, dtype=torch.float16,
+        device="cpu", num_padded_requests=1, num_padding_tokens=2,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return make_batch(requests, **kwargs)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_grouped_matches_reference(order: str) -> None:
+    run_and_check(batch(ORDERS[order]), provider="grouped")
+
+
+@pytest.mark.parametrize("provider", ["unified", "grouped"])
+def test_v2_order_extend_keeps_its_context(provider: str) -> None:
+    """The V2 hazard itself: a 5-token fresh prompt sorted before a 40-token extend."""
+    run_and_check(batch([(1, 9), (5, 0), (40, 300)]), provider=provider)
+
+
+@pytest.mark.parametrize("num_segments", [2, 8])
+def test_grouped_split_kv(num_segments: int) -> None:
+    """Small batches split the decode group; a short fresh prompt rides along unsplit."""
+    run_and_check(batch([(1, 90), (3, 0), (2, 40)]), provider="grouped", num_segments=num_segments)
+
+
+@pytest.mark.parametrize(
+    "features",
+    [dict(sliding_window=9), dict(softcap=3.0), dict(causal=False)],
+    ids=["window", "softcap", "noncausal"],
+)
+def test_grouped_features(features: dict) -> None:
+    run_and_check(batch(random_order()), provider="grouped", **features)
+
+
+def test_classifier_groups_and_order() -> None:
+    requests = [(70, 0), (1, 5), (0, 0), (9, 100), (3, 3), (5, 0), (1, 1)]
+    b = make_batch(requests, num_heads=2, num_kv_heads=1, head_size=16, page_size=16,
+                   dtype=torch.float32, device="cpu")  # fmt: skip
+    groups = RequestGroups.allocate(10, "cpu")
+    classify_requests(b.query_start_loc, b.seq_lens, groups, decode_threshold=8)
+    expected = {GROUP_DECODE: [1, 4, 6], GROUP_EXTEND: [3], GROUP_PREFILL: [0, 5],
+                GROUP_PADDING: [2]}  # fmt: skip
+    bounds = groups.group_bounds.tolist()
+    assert bounds == [0, 3, 4, 6, 7]
+    order = groups.seq_order[: len(requests)].tolist()
+    for group, members in expected.items():
+        assert order[bounds[group] : bounds[group + 1]] == members
+    q_lens = [requests[i][0] for i in order]
+    cumulative = [sum(q_lens[:i]) for i in range(len(q_lens) + 1)]
+    assert groups.order_cu_q[: len(requests) + 1].tolist() == cumulative
+
+
+# --------------------------------------------------------------------- GPU, at real sizes
+
+GPU_ORDERS = {
+    "v1": [(1, 3000), (1, 70), (6, 900), (700, 1500), (300, 4000), (1000, 0), (17, 0)],
+    "v2": [(1, 3000), (1, 70), (6, 900), (17, 0), (300, 4000), (700, 1500), (1000, 0)],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", list(GPU_ORDERS) + ["shuffled"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_grouped(order: str, dtype: torch.dtype) -> None:
+    requests = GPU_ORDERS.get(order) or random.Random(3).sample(GPU_ORDERS["v1"], 7)
+    b = make_batch(requests, num_heads=32, num_kv_heads=8, head_size=128, page_size=16,
+                   dtype=dtype, device="cuda", num_padded_requests=2, num_padding_tokens=4)  # fmt: skip
+    run_and_check(b, provider="grouped")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("features", [dict(fp8=True), dict(sliding_window=300),
+                                      dict(sinks=True)], ids=["fp8", "window", "sinks"])  # fmt: skip
+def test_gpu_grouped_features(features: dict) -> None:
+    b = make_batch(GPU_ORDERS["v2"], num_heads=32, num_kv_heads=8, head_size=128, page_size=16,
+                   dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    if features.get("sinks"):
+        features = dict(sinks=torch.randn(32, device="cuda"))
+    run_and_check(b, provider="grouped", **features)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_segments", [4, 16])
+def test_gpu_grouped_split(num_segments: int) -> None:
+    b = make_batch([(1, 9000), (4, 3000), (8, 0), (1, 20)], num_heads=32, num_kv_heads=8,
+                   head_size=128, page_size=16, dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    run_and_check(b, provider="grouped", num_segments=num_segments)

@@ -1,0 +1,100 @@
+"""The grouped route: each request group runs through its own specialisation of the kernel.
+
+`classify_requests` has sorted the batch into decode / extend / prefill groups; this launcher
+then runs, in this order:
+  decode   paged keys, decode-shaped tiles (one program holds every query of a spec-verify
+           step), split-KV when the batch is small, then the segment merge;
+  extend   paged keys, prefill-shaped tiles over the cached context plus the causal suffix;
+  prefill  the new tokens' own K/V, dense and contiguous: no block-table lookups at all.
+Every launch covers the whole batch's static grid and its programs look up their group's slice
+of the sorted index list on the device, so the grids depend only on padded counts and every
+launch is safe to capture in a full CUDA graph. All three always launch; a program of an empty
+group exits at once.
+
+The merge runs over every token of the (small) split batch, so it also writes rows of extend
+and prefill tokens, from stale partials; those rows are rewritten by the extend and prefill
+launches that follow it on the same stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_portable_attn.kernels._attention_kernel import launch_attention
+from vllm_portable_attn.kernels.classify import (
+    GROUP_DECODE,
+    GROUP_EXTEND,
+    GROUP_PREFILL,
+    RequestGroups,
+)
+from vllm_portable_attn.kernels.configs import MAX_DECODE_QUERY_LEN, attention_config
+from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
+from vllm_portable_attn.kernels.unified import (
+    head_pad,
+    queries_per_kv_pad,
+    validate_attention_inputs,
+    validate_split,
+)
+
+
+def grouped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    output: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    groups: RequestGroups,
+    *,
+    max_query_len: int,
+    max_seq_len: int,
+    softmax_scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_segments: int = 1,
+    workspace: SplitKVWorkspace | None = None,
+) -> None:
+    """Paged attention over a mixed batch through per-group kernels, into `output` in place.
+
+    Arguments are those of `unified_attention`, plus:
+        key, value: [num_tokens, num_kv_heads, head_size], the new tokens' K/V (already in the
+            cache too). Fresh prefills read them directly. None, or an fp8 cache (whose
+            prefills must see the same quantised keys as every other route), sends prefills
+            through the paged path instead.
+        groups: this step's classification, from `classify_requests` with a decode threshold
+            of at most MAX_DECODE_QUERY_LEN.
+    """
+    del max_seq_len
+    validate_attention_inputs(query, key_cache, value_cache, output, k_scale, v_scale)
+    validate_split(query, num_segments, workspace)
+    if query.shape[0] == 0:
+        return
+    pad_d, pad_q = head_pad(query.shape[2]), queries_per_kv_pad(query, key_cache)
+    decode_cfg = attention_config(pad_d, pad_q, min(max_query_len, MAX_DECODE_QUERY_LEN))
+    long_cfg = attention_config(pad_d, pad_q, MAX_DECODE_QUERY_LEN + 1)
+    dense_prefill = key is not None and value is not None and key_cache.dtype == query.dtype
+    features = dict(
+        softmax_scale=softmax_scale, causal=causal, sliding_window=sliding_window,
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
+        v_scale=v_scale, groups=groups.as_tuple(),
+    )  # fmt: skip
+    paged = (query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table)
+
+    launch_attention(*paged, config=decode_cfg, group=GROUP_DECODE,
+                     num_segments=num_segments, workspace=workspace, **features)  # fmt: skip
+    if num_segments > 1:
+        merge_segments(output, workspace, query_start_loc, num_segments)
+    launch_attention(*paged, config=long_cfg, group=GROUP_EXTEND, **features)
+    if dense_prefill:
+        launch_attention(query, key, value, output, query_start_loc, seq_lens, None,
+                         config=long_cfg, group=GROUP_PREFILL, **features)  # fmt: skip
+    else:
+        launch_attention(*paged, config=long_cfg, group=GROUP_PREFILL, **features)

@@ -775,3 +775,27 @@ def test_unavailable_route_fails_at_builder_construction(
             dtype=torch.float16,
             device=device,
         )
+
+
+@pytest.mark.parametrize("value, hip", [("grouped", None), ("auto", "6.4")])
+def test_unavailable_route_is_refused_at_selection(
+    route_env: pytest.MonkeyPatch, value: str, hip: str | None
+) -> None:
+    from vllm.platforms.interface import DeviceCapability
+
+    route_env.setenv(envs.ROUTE_ENV, value)
+    route_env.setattr(torch.version, "hip", hip)
+    reasons = PortableAttentionBackend.validate_configuration(
+        head_size=128,
+        dtype=torch.bfloat16,
+        kv_cache_dtype="auto",
+        block_size=None,
+        use_mla=False,
+        has_sink=False,
+        use_sparse=False,
+        use_mm_prefix=False,
+        use_per_head_quant_scales=False,
+        device_capability=DeviceCapability(9, 0),
+        attn_type="decoder",
+    )
+    assert len(reasons) == 1 and "route 'grouped'" in reasons[0] and "valid: unified" in reasons[0]

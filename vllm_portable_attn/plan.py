@@ -41,10 +41,6 @@ from vllm_portable_attn.kernels import (
 
 logger = get_logger(__name__)
 
-#: Routes implemented in this build. `envs.get_route()` may resolve to others (e.g. "grouped" on
-#: ROCm); those are refused at builder construction rather than silently replaced.
-AVAILABLE_ROUTES: tuple[envs.Route, ...] = ("unified",)
-
 #: Stand-in SM count on a host without a GPU (Triton's interpreter runs one program at a time,
 #: so there is nothing to fill). Tests set `builder.num_sms` to exercise split-KV on the CPU.
 CPU_NUM_SMS = 1
@@ -102,12 +98,12 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Selection already refuses an unavailable route; checked again here because builders
+        # can be made without going through selection (tests, tools).
+        reason = envs.unavailable_route_reason()
+        if reason is not None:
+            raise ValueError(reason)
         self.route: envs.Route = envs.get_route()
-        if self.route not in AVAILABLE_ROUTES:
-            raise ValueError(
-                f"route {self.route!r} (from {envs.ROUTE_ENV}, default 'auto') is not available "
-                f"in this build; valid: {', '.join(AVAILABLE_ROUTES)}"
-            )
         self.num_kv_heads: int = kv_cache_spec.num_kv_heads
         self.head_size: int = kv_cache_spec.head_size
         head_size_v = getattr(kv_cache_spec, "head_size_v", self.head_size)
@@ -174,7 +170,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         if common_prefix_len:
             # Cascade attention is off unless a backend opts in via use_cascade_attention.
             raise ValueError("cascade attention (common_prefix_len > 0) is not supported")
-        if cm.causal is not True:
+        if getattr(cm, "causal", True) is not True:
             raise ValueError("non-causal decoder attention is not supported")
 
         num_segments = 1

@@ -19,6 +19,7 @@ git commit and time; a short table goes to stdout, ending with one ``SUMMARY:`` 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -277,51 +278,95 @@ class Inputs:
 ProviderFn = Callable[[int, Any], None]  # (copy index, output tensor) -> None
 
 
-def _provider_portable(inp: Inputs, args: argparse.Namespace) -> tuple[ProviderFn, dict]:
+def _split_policy(inp: Inputs, args: argparse.Namespace) -> tuple[int, Any]:
+    """Our split-KV segment count and workspace, chosen as the metadata builder chooses them."""
     from vllm_portable_attn.kernels import (
         MAX_SEGMENTS,
         MAX_SPLIT_TOKENS,
         SplitKVWorkspace,
         choose_num_segments,
-        unified_attention,
     )
 
     case, geo = inp.case, inp.geo
-    num_sms = _num_sms(inp.device)
-    if args.segments:
-        segs = args.segments
-    else:
-        # Same policy call the backend makes per step (padded counts, no device sync).
-        segs = choose_num_segments(
-            case.num_tokens, case.num_seqs, case.max_q, geo.num_kv_heads, num_sms
-        )
+    segs = args.segments or choose_num_segments(
+        case.num_tokens, case.num_seqs, case.max_q, geo.num_kv_heads, _num_sms(inp.device)
+    )
     ws = None
     if segs > 1:
         # Sized like the metadata builder sizes it: once, for the largest split batch.
         ws = SplitKVWorkspace.allocate(
-            max(MAX_SPLIT_TOKENS, case.num_tokens),
-            geo.num_heads,
-            geo.head_size,
-            max(MAX_SEGMENTS, segs),
-            inp.device,
-        )
+            max(MAX_SPLIT_TOKENS, case.num_tokens), geo.num_heads, geo.head_size,
+            max(MAX_SEGMENTS, segs), inp.device,
+        )  # fmt: skip
+    return segs, ws
+
+
+def _parse_config(spec: str, inp: Inputs) -> Any:
+    """'BMxTNxWxS' (rows per program, keys per tile, warps, stages) -> AttentionConfig."""
+    import triton
+
+    from vllm_portable_attn.kernels.configs import AttentionConfig
+
+    block_m, tile_n, warps, stages = (int(x) for x in spec.split("x"))
+    qpk = triton.next_power_of_2(inp.geo.num_heads // inp.geo.num_kv_heads)
+    return AttentionConfig(max(block_m // qpk, 1), block_m, tile_n, warps, stages)
+
+
+def _provider_portable(
+    inp: Inputs, args: argparse.Namespace, config: str | None = None
+) -> tuple[ProviderFn, dict]:
+    from vllm_portable_attn.kernels import unified_attention
+
+    case = inp.case
+    segs, ws = _split_policy(inp, args)
+    cfg = _parse_config(config, inp) if config else None
 
     def run(i: int, out: Any) -> None:
         unified_attention(
-            inp.query[i],
-            inp.key_cache,
-            inp.value_cache,
-            out,
-            inp.query_start_loc,
-            inp.seq_lens,
-            inp.block_tables[i],
-            max_query_len=case.max_q,
-            max_seq_len=case.max_kv,
-            softmax_scale=inp.scale,
-            causal=True,
-            num_segments=segs,
-            workspace=ws,
-        )
+            inp.query[i], inp.key_cache, inp.value_cache, out, inp.query_start_loc,
+            inp.seq_lens, inp.block_tables[i], max_query_len=case.max_q,
+            max_seq_len=case.max_kv, softmax_scale=inp.scale, causal=True, num_segments=segs,
+            workspace=ws, config=cfg,
+        )  # fmt: skip
+
+    return run, {"num_segments": segs, "config": config or "table"}
+
+
+def _provider_portable_grouped(inp: Inputs, args: argparse.Namespace) -> tuple[ProviderFn, dict]:
+    """The grouped route: classify once (the builder's job, once per step), then the per-group
+    kernels (the impl's job, once per layer). Only the per-layer part is timed."""
+    import torch
+
+    from vllm_portable_attn.kernels import (
+        MAX_DECODE_QUERY_LEN,
+        RequestGroups,
+        classify_requests,
+        grouped_attention,
+    )
+
+    case = inp.case
+    segs, ws = _split_policy(inp, args)
+    groups = RequestGroups.allocate(case.num_seqs, inp.device)
+    classify_requests(inp.query_start_loc, inp.seq_lens, groups, MAX_DECODE_QUERY_LEN)
+    # Fresh prefills read the new tokens' K/V directly: gather them from the cache once.
+    new_kv = []
+    for i in range(inp.copies):
+        slots = []
+        for s, (q, kv) in enumerate(zip(case.q_lens, case.kv_lens, strict=True)):
+            pos = torch.arange(kv - q, kv)
+            pages = inp.block_tables[i][s].cpu()[pos // inp.geo.block_size].long()
+            slots.append((pages, pos % inp.geo.block_size))
+        pages = torch.cat([p for p, _ in slots]).to(inp.device)
+        offs = torch.cat([o for _, o in slots]).to(inp.device)
+        new_kv.append((inp.key_cache[pages, offs], inp.value_cache[pages, offs]))
+
+    def run(i: int, out: Any) -> None:
+        grouped_attention(
+            inp.query[i], *new_kv[i], inp.key_cache, inp.value_cache, out,
+            inp.query_start_loc, inp.seq_lens, inp.block_tables[i], groups,
+            max_query_len=case.max_q, max_seq_len=case.max_kv, softmax_scale=inp.scale,
+            causal=True, num_segments=segs, workspace=ws,
+        )  # fmt: skip
 
     return run, {"num_segments": segs}
 
@@ -495,6 +540,7 @@ def _provider_flashinfer(inp: Inputs, args: argparse.Namespace) -> tuple[Provide
 
 PROVIDERS: dict[str, Callable[[Inputs, argparse.Namespace], tuple[ProviderFn, dict]]] = {
     "portable": _provider_portable,
+    "portable_grouped": _provider_portable_grouped,
     "triton_attn": _provider_triton_attn,
     "fa3": _provider_fa3,
     "flashinfer": _provider_flashinfer,
@@ -636,6 +682,10 @@ def run_kernels(args: argparse.Namespace) -> int:
         )
         return 2
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    # "portable@BMxTNxWxS" runs our unified kernel with that tile config (config sweeps).
+    for spec in filter(None, args.configs.split(",")):
+        PROVIDERS[f"portable@{spec}"] = functools.partial(_provider_portable, config=spec)
+        providers.append(f"portable@{spec}")
     for p in providers:
         if p not in PROVIDERS:
             raise SystemExit(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
@@ -674,7 +724,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                 import vllm  # noqa: F401
             if p == "flashinfer":
                 import flashinfer  # noqa: F401
-            if p in ("portable", "reference"):
+            if p.startswith("portable") or p == "reference":
                 import vllm_portable_attn.kernels  # noqa: F401
             available[p] = None
         except Exception as e:  # noqa: BLE001 - report and skip the provider
@@ -1261,6 +1311,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reference",
         action="store_true",
         help="do not check against the PyTorch reference (FA3 is used if present)",
+    )
+    kp.add_argument(
+        "--configs",
+        default="",
+        help="comma list of BMxTNxWxS tile configs (rows, keys per tile, warps, stages) to "
+        "time our unified kernel with, each as provider portable@CONFIG",
     )
     kp.add_argument(
         "--segments",

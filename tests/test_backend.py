@@ -42,6 +42,19 @@ TOLERANCE = {
 MIXED = [(1, 16), (1, 40), (5, 1), (17, 0), (63, 40)]
 # Decodes and spec-decode verifies (q <= 8): the batches that split KV.
 DECODES = [(1, 15), (1, 100), (3, 60), (8, 120), (1, 1)]
+# A GPU this size makes the split-KV policy choose a few segments for these small batches
+# (a 132-SM H100 would choose 32: same code path, 8x the interpreter time).
+SPLIT_NUM_SMS = 16
+
+
+@pytest.fixture(params=["unified", "grouped"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs the test once per kernel route, selected the way users select it."""
+    monkeypatch.setenv(envs.ROUTE_ENV, request.param)
+    envs.reset_cache()
+    yield request.param
+    monkeypatch.undo()
+    envs.reset_cache()
 
 
 class FakeAttentionLayer(AttentionLayerBase):
@@ -256,7 +269,7 @@ def reference_features(features: dict) -> dict:
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_mixed_batch_end_to_end(case: tuple, device: str) -> None:
+def test_mixed_batch_end_to_end(case: tuple, route: str, device: str) -> None:
     dtype, block_size, head_size, padded, features = case
     num_heads, num_kv_heads = 8, 2  # GQA 4:1
     features = materialise(features, num_heads, dtype, device)
@@ -284,6 +297,7 @@ def test_mixed_batch_end_to_end(case: tuple, device: str) -> None:
     oracle = oracle_copy(batch)
 
     md = setup.builder.build(0, common_metadata(batch, padded=padded))
+    assert md.route == route and (md.request_groups is not None) == (route == "grouped")
     assert md.num_segments == 1  # prefill-shaped batch: never split
     output = run_step(setup, batch, md)
 
@@ -297,8 +311,8 @@ def test_mixed_batch_end_to_end(case: tuple, device: str) -> None:
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_split_kv_decode_end_to_end(block_size: int, device: str) -> None:
-    """A decode / spec-verify batch on a 132-SM GPU's worth of segments, padded as in FULL mode."""
+def test_split_kv_decode_end_to_end(block_size: int, route: str, device: str) -> None:
+    """A decode / spec-verify batch split into KV segments, padded as in FULL mode."""
     dtype = torch.float16
     setup = make_setup(
         num_heads=8,
@@ -308,7 +322,7 @@ def test_split_kv_decode_end_to_end(block_size: int, device: str) -> None:
         dtype=dtype,
         device=device,
     )
-    setup.builder.num_sms = 132
+    setup.builder.num_sms = SPLIT_NUM_SMS
     assert setup.builder.workspace is not None
     for buf in (
         setup.builder.workspace.partial_out,
@@ -338,7 +352,7 @@ def test_split_kv_decode_end_to_end(block_size: int, device: str) -> None:
     assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
 
 
-def test_full_graph_replay_with_stale_launch_scalars(device: str) -> None:
+def test_full_graph_replay_with_stale_launch_scalars(route: str, device: str) -> None:
     """Under cudagraph_mode=FULL a graph captured for a decode-shaped batch is replayed for a
     mixed batch of the same padded size: vLLM refills the persistent input buffers in place,
     while the launch keeps the scalars of capture time (max_query_len=1, split-KV segments).
@@ -352,7 +366,7 @@ def test_full_graph_replay_with_stale_launch_scalars(device: str) -> None:
         dtype=dtype,
         device=device,
     )
-    setup.builder.num_sms = 132
+    setup.builder.num_sms = SPLIT_NUM_SMS
     shape = dict(
         num_heads=8, num_kv_heads=2, head_size=64, page_size=block_size, dtype=dtype, device=device
     )
@@ -385,6 +399,9 @@ def test_full_graph_replay_with_stale_launch_scalars(device: str) -> None:
     assert md.max_query_len == 1 and md.num_segments > 1
 
     replayed = load(replayed)
+    # vLLM still runs build() eagerly for the replayed step (on the grouped route that re-runs
+    # the classifier into the builder's buffers); the graph then launches with md's scalars.
+    setup.builder.build(0, common_metadata(replayed, padded=True))
     oracle = oracle_copy(replayed)
     output = run_step(setup, replayed, md)  # the decode-time plan, the mixed batch's data
     check_cache_write(replayed, oracle)
@@ -446,7 +463,7 @@ def run_fp8_case(setup: Setup, batch: PagedBatch, *, split: bool, tolerance: dic
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["mixed", "split"])
-def test_fp8_kv_cache_end_to_end(split: bool, device: str) -> None:
+def test_fp8_kv_cache_end_to_end(split: bool, route: str, device: str) -> None:
     """fp8 KV cache at small sizes: the uint8 cache viewed as fp8, the layer's scales used."""
     setup = make_setup(
         num_heads=8,
@@ -458,7 +475,7 @@ def test_fp8_kv_cache_end_to_end(split: bool, device: str) -> None:
         kv_cache_dtype="fp8",
         fp8_scales=(0.5, 0.25),
     )
-    setup.builder.num_sms = 132
+    setup.builder.num_sms = SPLIT_NUM_SMS
     batch = make_batch(
         DECODES if split else MIXED,
         num_heads=8,
@@ -477,7 +494,7 @@ def test_fp8_kv_cache_end_to_end(split: bool, device: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
-def test_gpu_bf16_fp8_end_to_end(split: bool, device: str) -> None:
+def test_gpu_bf16_fp8_end_to_end(split: bool, route: str, device: str) -> None:
     """Real sizes on a GPU: bf16 model, fp8 KV cache, arbitrary (rounded) new K/V values."""
     requests = [(1, 3000), (1, 17), (4, 900)] if split else [(1, 2000), (300, 1000), (700, 0)]
     setup = make_setup(
@@ -551,13 +568,16 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_build_runs_no_tensor_ops(device: str) -> None:
-    """build() passes vLLM's tensors through: no allocation, no copy, no .item()/.cpu().
-    A tensor op of any kind (hence any device->host sync) would be recorded here."""
+def test_build_runs_no_tensor_ops(route_env: pytest.MonkeyPatch, device: str) -> None:
+    """The unified route's build() passes vLLM's tensors through: no allocation, no copy, no
+    .item()/.cpu(). A tensor op of any kind (hence any device->host sync) would be recorded.
+    (The grouped route's build launches a Triton kernel, which the interpreter runs through
+    torch ops; test_gpu_build_never_syncs_or_allocates covers both routes on a GPU.)"""
+    route_env.setenv(envs.ROUTE_ENV, "unified")
     setup = make_setup(
         num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
     )
-    setup.builder.num_sms = 132
+    setup.builder.num_sms = SPLIT_NUM_SMS
     for requests in (MIXED, DECODES):
         batch = make_batch(
             requests,
@@ -578,12 +598,81 @@ def test_build_runs_no_tensor_ops(device: str) -> None:
         assert md.workspace is setup.builder.workspace
 
 
+@pytest.mark.gpu
+def test_gpu_build_never_syncs_or_allocates(route: str, device: str) -> None:
+    setup = make_setup(
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        block_size=16,
+        dtype=torch.bfloat16,
+        device=device,
+    )
+    for requests in (MIXED, DECODES):
+        batch = make_batch(
+            requests,
+            num_heads=32,
+            num_kv_heads=8,
+            head_size=128,
+            page_size=16,
+            dtype=torch.bfloat16,
+            device=device,
+            num_padded_requests=2,
+            num_padding_tokens=3,
+        )
+        cm = common_metadata(batch, padded=True)
+        setup.builder.build(0, cm)  # first call compiles the classifier (grouped route)
+        torch.cuda.synchronize()
+        allocated = torch.cuda.memory_allocated()
+        torch.cuda.set_sync_debug_mode("error")  # any device->host sync raises
+        try:
+            setup.builder.build(0, cm)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.cuda.memory_allocated() == allocated
+
+
+def test_kv_sharing_layer_reads_the_cache_not_its_own_kv(route: str, device: str) -> None:
+    """A layer sharing another layer's cache (kv_sharing_target_layer_name) gets key/value
+    that were never written to the cache; attention must come from the cache alone."""
+    setup = make_setup(
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=32,
+        block_size=16,
+        dtype=torch.float32,
+        device=device,
+    )
+    setup.impl.kv_sharing_target_layer_name = "model.layers.0.self_attn.attn"
+    batch = make_batch(
+        MIXED,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=32,
+        page_size=16,
+        dtype=torch.float32,
+        device=device,
+        num_padded_requests=1,
+        num_padding_tokens=2,
+        seed=9,
+    )
+    oracle = oracle_copy(batch)
+    batch.kv_cache.copy_(oracle.kv_cache)  # the target layer wrote this step's K/V already
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    output = torch.full_like(batch.query, float("nan"))
+    unrelated_k, unrelated_v = torch.randn_like(batch.key), torch.randn_like(batch.value)
+    setup.impl.forward(
+        setup.layer, batch.query, unrelated_k, unrelated_v, batch.kv_cache, md, output=output
+    )
+    assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+
+
 def test_segment_choice_depends_on_padded_counts_only(device: str) -> None:
     """Two steps with the same padded shape but different lengths get the same plan."""
     setup = make_setup(
         num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
     )
-    setup.builder.num_sms = 132
+    setup.builder.num_sms = SPLIT_NUM_SMS
     shape = dict(
         num_heads=8, num_kv_heads=2, head_size=64, page_size=16, dtype=torch.float16, device=device
     )
@@ -636,7 +725,7 @@ def test_unknown_query_heads_disable_split_with_a_warning(
     )
     assert setup.builder.num_heads is None and setup.builder.workspace is None
     assert any("split-KV decode is disabled" in r.getMessage() for r in plan_log)
-    setup.builder.num_sms = 132
+    setup.builder.num_sms = SPLIT_NUM_SMS
     batch = make_batch(
         DECODES,
         num_heads=8,
@@ -760,31 +849,31 @@ def test_route_rejects_bad_value(route_env: pytest.MonkeyPatch) -> None:
         envs.get_route()
 
 
-@pytest.mark.parametrize("value, hip", [("grouped", None), ("auto", "6.4")])
-def test_unavailable_route_fails_at_builder_construction(
+@pytest.mark.parametrize("value, hip", [("grouped", None), ("auto", "6.4"), ("unified", "6.4")])
+def test_builder_follows_the_route(
     route_env: pytest.MonkeyPatch, value: str, hip: str | None, device: str
 ) -> None:
     route_env.setenv(envs.ROUTE_ENV, value)
     route_env.setattr(torch.version, "hip", hip)
-    with pytest.raises(ValueError, match="route 'grouped'.*not available.*valid: unified"):
-        make_setup(
-            num_heads=4,
-            num_kv_heads=1,
-            head_size=32,
-            block_size=16,
-            dtype=torch.float16,
-            device=device,
-        )
+    setup = make_setup(
+        num_heads=4,
+        num_kv_heads=1,
+        head_size=32,
+        block_size=16,
+        dtype=torch.float16,
+        device=device,
+    )
+    expected = "unified" if value == "unified" else "grouped"
+    assert setup.builder.route == expected
+    assert (setup.builder.request_groups is not None) == (expected == "grouped")
+    if expected == "grouped":  # sized for vLLM's max_num_seqs (16 in make_vllm_config)
+        assert setup.builder.request_groups.seq_order.shape[0] == 16
 
 
-@pytest.mark.parametrize("value, hip", [("grouped", None), ("auto", "6.4")])
-def test_unavailable_route_is_refused_at_selection(
-    route_env: pytest.MonkeyPatch, value: str, hip: str | None
-) -> None:
+def test_bad_route_is_refused_at_selection(route_env: pytest.MonkeyPatch) -> None:
     from vllm.platforms.interface import DeviceCapability
 
-    route_env.setenv(envs.ROUTE_ENV, value)
-    route_env.setattr(torch.version, "hip", hip)
+    route_env.setenv(envs.ROUTE_ENV, "fastest")
     reasons = PortableAttentionBackend.validate_configuration(
         head_size=128,
         dtype=torch.bfloat16,
@@ -798,4 +887,4 @@ def test_unavailable_route_is_refused_at_selection(
         device_capability=DeviceCapability(9, 0),
         attn_type="decoder",
     )
-    assert len(reasons) == 1 and "route 'grouped'" in reasons[0] and "valid: unified" in reasons[0]
+    assert len(reasons) == 1 and "PORTABLE_ATTN_ROUTE='fastest' is not valid" in reasons[0]

@@ -164,14 +164,15 @@ class PortableAttentionBackend(AttentionBackend):
         use_mm_prefix: bool,
         device_capability: DeviceCapability,
     ) -> str | None:
-        """Reject what the kernels or the Triton compiler cannot handle on this GPU.
+        """Reject settings the kernels or the Triton compiler cannot handle on this GPU.
 
         Capabilities on ROCm are derived from the gfx arch and do not follow NVIDIA's numbering
         (gfx942 reports 9.4), so the capability checks apply to the other platforms only.
         """
-        route_reason = envs.unavailable_route_reason()
-        if route_reason is not None:
-            return route_reason
+        try:
+            envs.get_route()
+        except ValueError as err:  # a bad PORTABLE_ATTN_ROUTE fails selection, with the reason
+            return str(err)
         # An unquantized cache must hold the model dtype: the kernels do not convert K/V.
         cache_torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
             kv_cache_dtype or "auto"

@@ -59,23 +59,6 @@ def get_route() -> Route:
     return value  # type: ignore[return-value]  # narrowed by the membership check above
 
 
-#: Routes implemented in this build. `get_route()` may resolve to others (e.g. "grouped", the
-#: ROCm default); those are refused at backend selection and at builder construction, never
-#: silently replaced by another route.
-AVAILABLE_ROUTES: tuple[Route, ...] = ("unified",)
-
-
-def unavailable_route_reason() -> str | None:
-    """Why the configured route cannot run in this build, or None if it can."""
-    route = get_route()
-    if route in AVAILABLE_ROUTES:
-        return None
-    return (
-        f"route {route!r} (from {ROUTE_ENV}, default 'auto') is not available in this build; "
-        f"valid: {', '.join(AVAILABLE_ROUTES)}"
-    )
-
-
 def reset_cache() -> None:
     """Forget parsed values so the next call re-reads the environment (for tests)."""
     get_route.cache_clear()

@@ -22,7 +22,7 @@ from vllm_portable_attn._compat import (
     current_platform,
     get_logger,
 )
-from vllm_portable_attn.kernels import unified_attention, write_kv_cache
+from vllm_portable_attn.kernels import grouped_attention, unified_attention, write_kv_cache
 from vllm_portable_attn.plan import PortableAttentionMetadata
 
 logger = get_logger(__name__)
@@ -172,8 +172,10 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
     ) -> torch.Tensor:
         """Attention of ``query[:num_actual_tokens]`` over the cache, into ``output`` in place.
 
-        ``key``/``value`` are unused: do_kv_cache_update has already put them in the cache.
-        Rows of ``output`` past ``num_actual_tokens`` (padding) are left as they are.
+        The cache already holds this step's K/V (do_kv_cache_update ran first). The unified
+        route reads only the cache; the grouped route reads fresh prompts' K/V straight from
+        ``key``/``value``. Rows of ``output`` past ``num_actual_tokens`` (padding) are left as
+        they are.
         """
         if output_scale is not None or output_block_scale is not None:
             # fused_output_quant_supported() is False, so vLLM should never ask for this.
@@ -182,22 +184,16 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             # Memory-profiling run: no metadata, and the cache is a placeholder.
             return output.fill_(0)
 
-        num_tokens = attn_metadata.num_actual_tokens
+        md = attn_metadata
+        num_tokens = md.num_actual_tokens
         key_cache, value_cache = self._split_kv_cache(kv_cache)
         k_scale, v_scale = self._kv_scales(layer)
         alibi_slopes = self.alibi_slopes
         if alibi_slopes is not None and alibi_slopes.device != query.device:
             alibi_slopes = self.alibi_slopes = alibi_slopes.to(query.device)
-        unified_attention(
-            query[:num_tokens],
-            key_cache,
-            value_cache,
-            output[:num_tokens],
-            attn_metadata.query_start_loc,
-            attn_metadata.seq_lens,
-            attn_metadata.block_table,
-            max_query_len=attn_metadata.max_query_len,
-            max_seq_len=attn_metadata.max_seq_len,
+        options = dict(
+            max_query_len=md.max_query_len,
+            max_seq_len=md.max_seq_len,
             softmax_scale=self.scale,
             causal=True,
             sliding_window=self.sliding_window,
@@ -206,9 +202,29 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             sinks=self.sinks,
             k_scale=k_scale,
             v_scale=v_scale,
-            num_segments=attn_metadata.num_segments,
-            workspace=attn_metadata.workspace,
+            num_segments=md.num_segments,
+            workspace=md.workspace,
         )
+        lengths = (md.query_start_loc, md.seq_lens, md.block_table)
+        if md.route == "grouped":
+            # A layer that shares another layer's cache did not write its own K/V there, so
+            # its key/value are not what the cache holds: its prefills must read the cache.
+            dense = key is not None and value is not None and not self.kv_sharing_target_layer_name
+            grouped_attention(
+                query[:num_tokens],
+                key[:num_tokens] if dense else None,
+                value[:num_tokens] if dense else None,
+                key_cache,
+                value_cache,
+                output[:num_tokens],
+                *lengths,
+                md.request_groups,
+                **options,
+            )
+        else:
+            unified_attention(
+                query[:num_tokens], key_cache, value_cache, output[:num_tokens], *lengths, **options
+            )
         return output
 
 

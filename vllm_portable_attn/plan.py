@@ -12,6 +12,16 @@ plan. It obeys the rules of full CUDA graphs (the builder declares ``ALWAYS``):
 Because a graph replays the launch it captured, a replayed step may run with a segment count
 that ``build`` would not have chosen for that step; the kernels are correct for any segment
 count and any query lengths, so this costs speed at most, never correctness.
+
+Routes (``PORTABLE_ATTN_ROUTE``, see envs.py):
+
+* ``unified``: one launch over the whole mixed batch, in vLLM's batch order.
+* ``grouped``: ``build`` launches the request classifier, which sorts this step's requests into
+  decode / extend / prefill groups on the device (from each request's own lengths, never from
+  its position: vLLM's V2 runner may put a short fresh prompt before a long extend) into
+  buffers this builder owns; every layer then runs per-group kernels over that order. The
+  classifier runs eagerly in ``build`` on every step, also when a full CUDA graph is replayed
+  afterwards, so the order always matches the step's data.
 """
 
 from __future__ import annotations
@@ -33,10 +43,13 @@ from vllm_portable_attn._compat import (
     num_attention_heads_of_layers,
 )
 from vllm_portable_attn.kernels import (
+    MAX_DECODE_QUERY_LEN,
     MAX_SEGMENTS,
     MAX_SPLIT_TOKENS,
+    RequestGroups,
     SplitKVWorkspace,
     choose_num_segments,
+    classify_requests,
 )
 
 logger = get_logger(__name__)
@@ -63,6 +76,7 @@ class PortableAttentionMetadata(AttentionMetadata):
     slot_mapping: torch.Tensor  # [num_tokens] int64, -1 for padded tokens
     num_segments: int  # split-KV segments per sequence; 1 = no split
     workspace: SplitKVWorkspace | None  # set whenever this builder can split
+    request_groups: RequestGroups | None  # grouped route: this step's classification
 
 
 def _device_num_sms(device: torch.device) -> int:
@@ -98,11 +112,6 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        # Selection already refuses an unavailable route; checked again here because builders
-        # can be made without going through selection (tests, tools).
-        reason = envs.unavailable_route_reason()
-        if reason is not None:
-            raise ValueError(reason)
         self.route: envs.Route = envs.get_route()
         self.num_kv_heads: int = kv_cache_spec.num_kv_heads
         self.head_size: int = kv_cache_spec.head_size
@@ -132,6 +141,13 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 head_size=self.head_size,
                 max_segments=MAX_SEGMENTS,
                 device=device,
+            )
+        self.request_groups: RequestGroups | None = None
+        if self.route == "grouped":
+            # vLLM never schedules more than max_num_seqs requests, padded ones included; a
+            # larger batch makes classify_requests raise rather than overflow.
+            self.request_groups = RequestGroups.allocate(
+                vllm_config.scheduler_config.max_num_seqs, device
             )
         logger.info_once(
             "vllm_portable_attn: route=%s, split-KV workspace %s (query heads %s, kv heads %d, "
@@ -164,7 +180,8 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
     ) -> PortableAttentionMetadata:
         """Pass the runner's tensors through and choose the split-KV segment count.
 
-        Reads only host-side ints; allocates nothing.
+        Reads only host-side ints and allocates nothing. On the grouped route it also launches
+        the request classifier (asynchronously, on the current stream).
         """
         cm = common_attn_metadata
         if common_prefix_len:
@@ -186,6 +203,13 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 # The policy already refuses such batches; guard against a policy change.
                 num_segments = 1
 
+        if self.request_groups is not None:
+            # The decode group takes every query up to the decode-tile bound, so spec-decode
+            # verify steps (1 + num_speculative_tokens <= 8) run as decodes.
+            classify_requests(
+                cm.query_start_loc, cm.seq_lens, self.request_groups, MAX_DECODE_QUERY_LEN
+            )
+
         return PortableAttentionMetadata(
             route=self.route,
             num_actual_tokens=cm.num_actual_tokens,
@@ -197,4 +221,5 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             slot_mapping=cm.slot_mapping,
             num_segments=num_segments,
             workspace=self.workspace,
+            request_groups=self.request_groups,
         )

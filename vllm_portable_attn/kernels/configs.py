@@ -50,35 +50,69 @@ def _arch() -> str:
     return "hopper" if major >= 9 else "ampere"
 
 
+# The launch shapes, each with its own table row:
+#   decode        q_len 1, one program per (request, KV head) over all its keys
+#   decode_split  q_len 1 with split-KV: each program covers a slice of the keys
+#   spec          queries of 2..MAX_DECODE_QUERY_LEN tokens (spec-verify), one block each
+#   prefill       long queries over paged keys (prefills and extends of the unified route,
+#                 extends of the grouped route)
+#   prefill_dense fresh prefills over the new tokens' contiguous K/V (grouped route)
+SHAPES = ("decode", "decode_split", "spec", "prefill", "prefill_dense")
+
 # (arch, shape) -> (rows per program, keys per tile, warps, stages). "rows" counts query rows
-# after GQA packing (tokens x heads), which is what the tensor-core dot sees.
+# after GQA packing (tokens x heads), which is what the tensor-core dot sees. Hopper rows come
+# from the config sweep in benchmarks/NOTES.md (H200, Llama-8B heads); Ampere and CDNA rows are
+# portable starting points, not yet measured on hardware.
 _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     # Small tiles keep the interpreter fast and make tiles smaller than a page (16) likely,
-    # so CPU tests cover both tile < page and tile > page (see tile_n override below).
+    # so CPU tests cover both tile < page and tile > page.
     ("interpreter", "decode"): (16, 16, 4, 1),
+    ("interpreter", "decode_split"): (16, 16, 4, 1),
+    ("interpreter", "spec"): (16, 16, 4, 1),
     ("interpreter", "prefill"): (32, 32, 4, 1),
+    ("interpreter", "prefill_dense"): (32, 16, 4, 1),
     # Decode is bandwidth-bound: a modest row count (one token x the GQA group) and wide key
-    # tiles keep many loads in flight.
+    # tiles keep many loads in flight; split slices are short, so wider tiles pay there.
     ("hopper", "decode"): (16, 64, 4, 3),
+    ("hopper", "decode_split"): (16, 128, 4, 3),
+    ("hopper", "spec"): (16, 128, 8, 3),
     ("ampere", "decode"): (16, 64, 4, 2),
+    ("ampere", "decode_split"): (16, 64, 4, 2),
+    ("ampere", "spec"): (16, 64, 4, 2),
     ("cdna", "decode"): (16, 64, 4, 1),
+    ("cdna", "decode_split"): (16, 64, 4, 1),
+    ("cdna", "spec"): (16, 64, 4, 1),
     # Prefill is compute-bound: 128 query rows share each K/V tile.
-    ("hopper", "prefill"): (128, 64, 8, 3),
+    ("hopper", "prefill"): (128, 128, 8, 2),
+    ("hopper", "prefill_dense"): (128, 64, 8, 3),
     ("ampere", "prefill"): (128, 64, 8, 2),
+    ("ampere", "prefill_dense"): (128, 64, 8, 2),
     ("cdna", "prefill"): (128, 64, 8, 1),
+    ("cdna", "prefill_dense"): (128, 64, 8, 1),
 }
+
+
+def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False) -> str:
+    """The table row for a launch: from host-side counts that are fixed per CUDA graph."""
+    if max_query_len > MAX_DECODE_QUERY_LEN:
+        return "prefill_dense" if dense else "prefill"
+    if max_query_len > 1:
+        return "spec"
+    return "decode_split" if num_segments > 1 else "decode"
 
 
 @functools.lru_cache(maxsize=256)
 def attention_config(
-    head_size_padded: int, queries_per_kv_padded: int, max_query_len: int
+    head_size_padded: int, queries_per_kv_padded: int, max_query_len: int, shape: str
 ) -> AttentionConfig:
-    """The tile configuration for one launch of the unified kernel."""
-    shape = "decode" if max_query_len <= MAX_DECODE_QUERY_LEN else "prefill"
+    """The tile configuration of one launch of the attention kernel.
+
+    Any configuration is correct for any batch; `max_query_len` only sizes a spec-verify block
+    so one program holds every query of a request (K/V read once).
+    """
     rows, tile_n, num_warps, num_stages = _TABLE[(_arch(), shape)]
-    if shape == "decode":
-        # One program covers every query of a short (spec-verify) request, so K/V is read once.
-        block_q = triton.next_power_of_2(max(max_query_len, 1))
+    if shape in ("decode", "decode_split", "spec"):
+        block_q = triton.next_power_of_2(min(max(max_query_len, 1), MAX_DECODE_QUERY_LEN))
         block_m = max(rows, block_q * queries_per_kv_padded)
     else:
         block_m = max(rows, queries_per_kv_padded)

@@ -27,7 +27,11 @@ from vllm_portable_attn.kernels.classify import (
     GROUP_PREFILL,
     RequestGroups,
 )
-from vllm_portable_attn.kernels.configs import MAX_DECODE_QUERY_LEN, attention_config
+from vllm_portable_attn.kernels.configs import (
+    MAX_DECODE_QUERY_LEN,
+    attention_config,
+    launch_shape,
+)
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
 from vllm_portable_attn.kernels.unified import (
     head_pad,
@@ -78,9 +82,13 @@ def grouped_attention(
     if query.shape[0] == 0:
         return
     pad_d, pad_q = head_pad(query.shape[2]), queries_per_kv_pad(query, key_cache)
-    decode_cfg = attention_config(pad_d, pad_q, min(max_query_len, MAX_DECODE_QUERY_LEN))
-    long_cfg = attention_config(pad_d, pad_q, MAX_DECODE_QUERY_LEN + 1)
+    decode_len = min(max_query_len, MAX_DECODE_QUERY_LEN)
+    decode_cfg = attention_config(pad_d, pad_q, decode_len, launch_shape(decode_len, num_segments))
+    extend_cfg = attention_config(pad_d, pad_q, max_query_len, "prefill")
     dense_prefill = key is not None and value is not None and key_cache.dtype == query.dtype
+    prefill_cfg = attention_config(
+        pad_d, pad_q, max_query_len, "prefill_dense" if dense_prefill else "prefill"
+    )
     features = dict(
         softmax_scale=softmax_scale, causal=causal, sliding_window=sliding_window,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
@@ -92,9 +100,9 @@ def grouped_attention(
                      num_segments=num_segments, workspace=workspace, **features)  # fmt: skip
     if num_segments > 1:
         merge_segments(output, workspace, query_start_loc, num_segments)
-    launch_attention(*paged, config=long_cfg, group=GROUP_EXTEND, **features)
+    launch_attention(*paged, config=extend_cfg, group=GROUP_EXTEND, **features)
     if dense_prefill:
         launch_attention(query, key, value, output, query_start_loc, seq_lens, None,
-                         config=long_cfg, group=GROUP_PREFILL, **features)  # fmt: skip
+                         config=prefill_cfg, group=GROUP_PREFILL, **features)  # fmt: skip
     else:
-        launch_attention(*paged, config=long_cfg, group=GROUP_PREFILL, **features)
+        launch_attention(*paged, config=prefill_cfg, group=GROUP_PREFILL, **features)

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from vllm_portable_attn.kernels._attention_kernel import FP8_DTYPES, launch_attention
-from vllm_portable_attn.kernels.configs import AttentionConfig, attention_config
+from vllm_portable_attn.kernels.configs import AttentionConfig, attention_config, launch_shape
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,7 +66,10 @@ def unified_attention(
     if query.shape[0] == 0:
         return
     cfg = config or attention_config(
-        head_pad(query.shape[2]), queries_per_kv_pad(query, key_cache), max_query_len
+        head_pad(query.shape[2]),
+        queries_per_kv_pad(query, key_cache),
+        max_query_len,
+        launch_shape(max_query_len, num_segments),
     )
     launch_attention(
         query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table,

@@ -23,6 +23,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonA
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_portable_attn import envs
+from vllm_portable_attn import impl as impl_module
 from vllm_portable_attn.backend import PortableAttentionBackend
 from vllm_portable_attn.impl import PortableAttentionImpl
 from vllm_portable_attn.plan import PortableAttentionMetadata, PortableAttentionMetadataBuilder
@@ -352,7 +353,9 @@ def test_split_kv_decode_end_to_end(block_size: int, route: str, device: str) ->
     assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
 
 
-def test_full_graph_replay_with_stale_launch_scalars(route: str, device: str) -> None:
+def test_full_graph_replay_with_stale_launch_scalars(
+    route: str, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under cudagraph_mode=FULL a graph captured for a decode-shaped batch is replayed for a
     mixed batch of the same padded size: vLLM refills the persistent input buffers in place,
     while the launch keeps the scalars of capture time (max_query_len=1, split-KV segments).
@@ -403,6 +406,8 @@ def test_full_graph_replay_with_stale_launch_scalars(route: str, device: str) ->
     # the classifier into the builder's buffers); the graph then launches with md's scalars.
     setup.builder.build(0, common_metadata(replayed, padded=True))
     oracle = oracle_copy(replayed)
+    # The graph holds the launches made while capturing, and a capture launches every group.
+    monkeypatch.setattr(impl_module, "graph_capture_in_progress", lambda: True)
     output = run_step(setup, replayed, md)  # the decode-time plan, the mixed batch's data
     check_cache_write(replayed, oracle)
     assert_matches(output, reference(setup, oracle), replayed.num_actual_tokens)
@@ -630,6 +635,30 @@ def test_gpu_build_never_syncs_or_allocates(route: str, device: str) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.cuda.memory_allocated() == allocated
+
+
+@pytest.mark.parametrize(
+    ("requests", "expected"),
+    [
+        ([(1, 9), (4, 30)], (True, False, False)),  # decodes and a spec-verify step
+        ([(5, 0), (40, 300), (1, 9)], (True, True, True)),  # V2 order: prompt before extend
+        ([(17, 0), (3, 0)], (False, False, True)),  # fresh prompts only, one of them short
+        ([(20, 5)], (False, True, False)),  # a chunked-prefill continuation
+    ],
+)
+def test_grouped_build_flags_the_groups_present(
+    requests: list, expected: tuple, route_env: pytest.MonkeyPatch, device: str
+) -> None:
+    """The host-side flags must name every group the device classifier will fill: an eager
+    launch skips a group flagged empty."""
+    route_env.setenv(envs.ROUTE_ENV, "grouped")
+    setup = make_setup(
+        num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
+    )
+    batch = make_batch(requests, num_heads=8, num_kv_heads=2, head_size=64, page_size=16,
+                       dtype=torch.float16, device=device, num_padded_requests=2)  # fmt: skip
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    assert md.active_groups == expected
 
 
 def test_kv_sharing_layer_reads_the_cache_not_its_own_kv(route: str, device: str) -> None:

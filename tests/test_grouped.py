@@ -55,9 +55,15 @@ ORDERS = {
 
 def batch(requests: list[tuple[int, int]], **overrides: object):
     kwargs = dict(
-        num_heads=8, num_kv_heads=2, head_size=32, page_size=16, dtype=torch.float16,
-        device="cpu", num_padded_requests=1, num_padding_tokens=2,
-    )  # fmt: skip
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=32,
+        page_size=16,
+        dtype=torch.float16,
+        device="cpu",
+        num_padded_requests=1,
+        num_padding_tokens=2,
+    )
     kwargs.update(overrides)
     return make_batch(requests, **kwargs)
 
@@ -90,12 +96,23 @@ def test_grouped_features(features: dict) -> None:
 
 def test_classifier_groups_and_order() -> None:
     requests = [(70, 0), (1, 5), (0, 0), (9, 100), (3, 3), (5, 0), (1, 1)]
-    b = make_batch(requests, num_heads=2, num_kv_heads=1, head_size=16, page_size=16,
-                   dtype=torch.float32, device="cpu")  # fmt: skip
+    b = make_batch(
+        requests,
+        num_heads=2,
+        num_kv_heads=1,
+        head_size=16,
+        page_size=16,
+        dtype=torch.float32,
+        device="cpu",
+    )
     groups = RequestGroups.allocate(10, "cpu")
     classify_requests(b.query_start_loc, b.seq_lens, groups, decode_threshold=8)
-    expected = {GROUP_DECODE: [1, 4, 6], GROUP_EXTEND: [3], GROUP_PREFILL: [0, 5],
-                GROUP_PADDING: [2]}  # fmt: skip
+    expected = {
+        GROUP_DECODE: [1, 4, 6],
+        GROUP_EXTEND: [3],
+        GROUP_PREFILL: [0, 5],
+        GROUP_PADDING: [2],
+    }
     bounds = groups.group_bounds.tolist()
     assert bounds == [0, 3, 4, 6, 7]
     order = groups.seq_order[: len(requests)].tolist()
@@ -119,17 +136,36 @@ GPU_ORDERS = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_grouped(order: str, dtype: torch.dtype) -> None:
     requests = GPU_ORDERS.get(order) or random.Random(3).sample(GPU_ORDERS["v1"], 7)
-    b = make_batch(requests, num_heads=32, num_kv_heads=8, head_size=128, page_size=16,
-                   dtype=dtype, device="cuda", num_padded_requests=2, num_padding_tokens=4)  # fmt: skip
+    b = make_batch(
+        requests,
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        page_size=16,
+        dtype=dtype,
+        device="cuda",
+        num_padded_requests=2,
+        num_padding_tokens=4,
+    )
     run_and_check(b, provider="grouped")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("features", [dict(fp8=True), dict(sliding_window=300),
-                                      dict(sinks=True)], ids=["fp8", "window", "sinks"])  # fmt: skip
+@pytest.mark.parametrize(
+    "features",
+    [dict(fp8=True), dict(sliding_window=300), dict(sinks=True)],
+    ids=["fp8", "window", "sinks"],
+)
 def test_gpu_grouped_features(features: dict) -> None:
-    b = make_batch(GPU_ORDERS["v2"], num_heads=32, num_kv_heads=8, head_size=128, page_size=16,
-                   dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    b = make_batch(
+        GPU_ORDERS["v2"],
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        page_size=16,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
     if features.get("sinks"):
         features = dict(sinks=torch.randn(32, device="cuda"))
     run_and_check(b, provider="grouped", **features)
@@ -138,6 +174,13 @@ def test_gpu_grouped_features(features: dict) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_segments", [4, 16])
 def test_gpu_grouped_split(num_segments: int) -> None:
-    b = make_batch([(1, 9000), (4, 3000), (8, 0), (1, 20)], num_heads=32, num_kv_heads=8,
-                   head_size=128, page_size=16, dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    b = make_batch(
+        [(1, 9000), (4, 3000), (8, 0), (1, 20)],
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        page_size=16,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
     run_and_check(b, provider="grouped", num_segments=num_segments)

@@ -74,8 +74,9 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             )
         _check_extra_args(kwargs)
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads "
-                             f"{num_kv_heads}")  # fmt: skip
+            raise ValueError(
+                f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+            )
         if kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype {kv_cache_dtype!r} is not supported; valid: "
@@ -110,9 +111,9 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         # The kernels load sinks in any float dtype and upcast, so no fp32 copy (which would go
         # stale when the weights are loaded into the parameter later) is made.
         self.sinks = sinks
-        self.kv_cache_is_fp8 = kv_cache_dtype in _FP8_KV_CACHE_DTYPES
+        # Set iff the cache is fp8: the platform's e4m3 type (e4m3fnuz on MI300) to view it as.
         self.fp8_dtype: torch.dtype | None = (
-            current_platform.fp8_dtype() if self.kv_cache_is_fp8 else None
+            current_platform.fp8_dtype() if kv_cache_dtype in _FP8_KV_CACHE_DTYPES else None
         )
         logger.info_once(
             "vllm_portable_attn: route=%s, heads %d/%d (q/kv), head size %d, kv cache %s, "
@@ -138,7 +139,7 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
 
     def _kv_scales(self, layer: AttentionLayer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Per-tensor 0-dim fp32 device tensors on the layer (1.0 unless the checkpoint has them).
-        if self.kv_cache_is_fp8:
+        if self.fp8_dtype is not None:
             return layer._k_scale, layer._v_scale
         return None, None
 
@@ -219,6 +220,7 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
                 output[:num_tokens],
                 *lengths,
                 md.request_groups,
+                active_groups=None if graph_capture_in_progress() else md.active_groups,
                 **options,
             )
         else:
@@ -226,6 +228,15 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
                 query[:num_tokens], key_cache, value_cache, output[:num_tokens], *lengths, **options
             )
         return output
+
+
+def graph_capture_in_progress() -> bool:
+    """Whether launches are being captured into a CUDA graph right now.
+
+    An eager launch may skip request groups the host knows are empty; a captured graph is
+    replayed for every later batch of its size, whatever its groups, so a capture launches all.
+    """
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_extra_args(kwargs: dict[str, Any]) -> None:

@@ -77,6 +77,9 @@ class PortableAttentionMetadata(AttentionMetadata):
     num_segments: int  # split-KV segments per sequence; 1 = no split
     workspace: SplitKVWorkspace | None  # set whenever this builder can split
     request_groups: RequestGroups | None  # grouped route: this step's classification
+    # grouped route: which of (decode, extend, prefill) hold requests, from host-side lengths;
+    # None when unknown. Only eager launches may use it (see PortableAttentionImpl.forward).
+    active_groups: tuple[bool, bool, bool] | None = None
 
 
 def _device_num_sms(device: torch.device) -> int:
@@ -203,12 +206,14 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 # The policy already refuses such batches; guard against a policy change.
                 num_segments = 1
 
+        active_groups = None
         if self.request_groups is not None:
             # The decode group takes every query up to the decode-tile bound, so spec-decode
             # verify steps (1 + num_speculative_tokens <= 8) run as decodes.
             classify_requests(
                 cm.query_start_loc, cm.seq_lens, self.request_groups, MAX_DECODE_QUERY_LEN
             )
+            active_groups = _host_active_groups(cm)
 
         return PortableAttentionMetadata(
             route=self.route,
@@ -222,4 +227,26 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             num_segments=num_segments,
             workspace=self.workspace,
             request_groups=self.request_groups,
+            active_groups=active_groups,
         )
+
+
+def _host_active_groups(cm: CommonAttentionMetadata) -> tuple[bool, bool, bool] | None:
+    """Which groups hold requests, from lengths vLLM already has on the host (no sync).
+
+    The same rule as the device classifier. `seq_lens_cpu_upper_bound` is exact except for
+    asynchronous spec-decode rows, where it is optimistic; those rows have context either way,
+    so the flags can only over-report a group, never miss one.
+    """
+    seq_lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    if seq_lens is None:
+        return None
+    starts = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
+    q_lens = starts[1:] - starts[:-1]
+    has_context = seq_lens.numpy()[: cm.num_reqs] - q_lens > 0
+    is_short = q_lens <= MAX_DECODE_QUERY_LEN
+    return (
+        bool((has_context & is_short & (q_lens > 0)).any()),
+        bool((has_context & ~is_short).any()),
+        bool((~has_context & (q_lens > 0)).any()),
+    )

@@ -65,6 +65,7 @@ def grouped_attention(
     v_scale: torch.Tensor | None = None,
     num_segments: int = 1,
     workspace: SplitKVWorkspace | None = None,
+    active_groups: tuple[bool, bool, bool] | None = None,
 ) -> None:
     """Paged attention over a mixed batch through per-group kernels, into `output` in place.
 
@@ -75,6 +76,9 @@ def grouped_attention(
             through the paged path instead.
         groups: this step's classification, from `classify_requests` with a decode threshold
             of at most MAX_DECODE_QUERY_LEN.
+        active_groups: (decode, extend, prefill) flags known on the host; a False group is not
+            launched. None launches all three, as a CUDA-graph capture must (the captured
+            launches serve every later batch of that size).
     """
     del max_seq_len
     validate_attention_inputs(query, key_cache, value_cache, output, k_scale, v_scale)
@@ -96,13 +100,16 @@ def grouped_attention(
     )  # fmt: skip
     paged = (query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table)
 
-    launch_attention(*paged, config=decode_cfg, group=GROUP_DECODE,
-                     num_segments=num_segments, workspace=workspace, **features)  # fmt: skip
-    if num_segments > 1:
-        merge_segments(output, workspace, query_start_loc, num_segments)
-    launch_attention(*paged, config=extend_cfg, group=GROUP_EXTEND, **features)
-    if dense_prefill:
+    run_decode, run_extend, run_prefill = active_groups or (True, True, True)
+    if run_decode:
+        launch_attention(*paged, config=decode_cfg, group=GROUP_DECODE,
+                         num_segments=num_segments, workspace=workspace, **features)  # fmt: skip
+        if num_segments > 1:
+            merge_segments(output, workspace, query_start_loc, num_segments)
+    if run_extend:
+        launch_attention(*paged, config=extend_cfg, group=GROUP_EXTEND, **features)
+    if run_prefill and dense_prefill:
         launch_attention(query, key, value, output, query_start_loc, seq_lens, None,
                          config=prefill_cfg, group=GROUP_PREFILL, **features)  # fmt: skip
-    else:
+    elif run_prefill:
         launch_attention(*paged, config=prefill_cfg, group=GROUP_PREFILL, **features)

@@ -20,8 +20,9 @@
 # the end), kernels_vs_fa3.png (if matplotlib is there).
 #
 # Steps                    vLLM  limit  least  what
-#   pytest_kernels          no    300     60   tests/ except the two vLLM test files
+#   pytest_kernels          no    300     60   tests/test_kernels.py tests/test_grouped.py (no vLLM)
 #   bench_kernels_ours      no    200     60   bench.py kernels: ours only, $KERNEL_CASES
+#   bench_kernels_ours_cg   no    200     60   the same, baseline cases, do_bench_cudagraph
 #   bench_kernels_sweep     no    300     90   bench.py kernels: ours only, all cases
 #   pytest_vllm             yes   200     40   tests/test_backend.py tests/test_registration.py
 #   pytest_all              yes   480     90   the whole of tests/
@@ -193,7 +194,7 @@ step_spec() { # name -> "needs_vllm|limit|least useful time|command"
   local route_arg=""
   [ -n "$ROUTE" ] && route_arg="--route $ROUTE"
   case "$1" in
-    pytest_kernels) echo "0|300|60|$PT tests/ --ignore=tests/test_registration.py --ignore=tests/test_backend.py" ;;
+    pytest_kernels) echo "0|300|60|$PT tests/test_kernels.py tests/test_grouped.py" ;;
     pytest_vllm)
       local files
       files=""
@@ -201,11 +202,12 @@ step_spec() { # name -> "needs_vllm|limit|least useful time|command"
       if [ -n "$files" ]; then echo "1|200|40|$PT $files"; else echo "1|10|1|echo 'no vLLM test files yet'; exit 5"; fi
       ;;
     pytest_all) echo "1|480|90|$PT tests/" ;;
-    bench_kernels_ours) echo "0|200|60|$B kernels --providers portable --cases $KERNEL_CASES --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
-    bench_kernels_sweep) echo "0|300|90|$B kernels --providers portable --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
-    bench_kernels) echo "1|240|90|$B kernels --providers portable,triton_attn,fa3 --cases $KERNEL_CASES --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
-    bench_kernels_all) echo "1|560|120|$B kernels --providers portable,triton_attn,fa3 --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
-    bench_kernels_cg) echo "1|240|90|$B kernels --providers portable,triton_attn,fa3 --cases baseline --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    bench_kernels_ours) echo "0|200|60|$B kernels --providers portable,portable_grouped --cases $KERNEL_CASES --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    bench_kernels_ours_cg) echo "0|200|60|$B kernels --providers portable,portable_grouped --cases baseline --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    bench_kernels_sweep) echo "0|300|90|$B kernels --providers portable,portable_grouped --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    bench_kernels) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases $KERNEL_CASES --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    bench_kernels_all) echo "1|560|120|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    bench_kernels_cg) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases baseline --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     e2e_correctness) echo "1|390|150|$E correctness $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     e2e_correctness_grouped) echo "1|390|150|$E correctness --route grouped --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     e2e_serve) echo "1|330|200|$E serve $route_arg --timeout \$((STEP_T - 15)) --out $RESULTS" ;;

@@ -661,6 +661,29 @@ def test_grouped_build_flags_the_groups_present(
     assert md.active_groups == expected
 
 
+def test_grouped_build_without_host_lengths_launches_every_group(
+    route_env: pytest.MonkeyPatch, device: str
+) -> None:
+    route_env.setenv(envs.ROUTE_ENV, "grouped")
+    setup = make_setup(
+        num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
+    )
+    batch = make_batch(
+        [(1, 9), (4, 30)],
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        page_size=16,
+        dtype=torch.float16,
+        device=device,
+        num_padded_requests=2,
+    )
+    cm = common_metadata(batch, padded=True)
+    for upper_bound in (None, cm.seq_lens_cpu_upper_bound[:2]):  # absent, or not padded
+        md = setup.builder.build(0, dataclasses.replace(cm, seq_lens_cpu_upper_bound=upper_bound))
+        assert md.active_groups is None
+
+
 def test_kv_sharing_layer_reads_the_cache_not_its_own_kv(route: str, device: str) -> None:
     """A layer sharing another layer's cache (kv_sharing_target_layer_name) gets key/value
     that were never written to the cache; attention must come from the cache alone."""

@@ -239,7 +239,8 @@ def _host_active_groups(cm: CommonAttentionMetadata) -> tuple[bool, bool, bool] 
     so the flags can only over-report a group, never miss one.
     """
     seq_lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
-    if seq_lens is None:
+    if seq_lens is None or seq_lens.shape[0] < cm.num_reqs:
+        # Unknown (or, on a release that stops padding it, incomplete): launch every group.
         return None
     starts = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
     q_lens = starts[1:] - starts[:-1]

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from conftest import DEVICE
 from kernel_check import run_and_check
 from paged_batch import make_batch
 
@@ -60,7 +61,7 @@ def batch(requests: list[tuple[int, int]], **overrides: object):
         head_size=32,
         page_size=16,
         dtype=torch.float16,
-        device="cpu",
+        device=DEVICE,
         num_padded_requests=1,
         num_padding_tokens=2,
     )
@@ -103,7 +104,7 @@ def test_classifier_groups_and_order() -> None:
         head_size=16,
         page_size=16,
         dtype=torch.float32,
-        device="cpu",
+        device=DEVICE,
     )
     groups = RequestGroups.allocate(10, "cpu")
     classify_requests(b.query_start_loc, b.seq_lens, groups, decode_threshold=8)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from kernel_check import run_and_check
 from paged_batch import PagedBatch, make_batch, scatter_new_tokens
 
@@ -26,7 +27,7 @@ DECODES = [(1, 15), (1, 100), (1, 1), (1, 64)]
 def cpu_batch(requests: list[tuple[int, int]], **overrides: object) -> PagedBatch:
     kwargs = dict(
         num_heads=8, num_kv_heads=2, head_size=32, page_size=16, dtype=torch.float16,
-        device="cpu",
+        device=DEVICE,
     )  # fmt: skip
     kwargs.update(overrides)
     return make_batch(requests, **kwargs)

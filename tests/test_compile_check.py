@@ -1,0 +1,203 @@
+"""The cross-target compile check (vllm_portable_attn.compile_check).
+
+conftest.py sets TRITON_INTERPRET=1 on machines without a GPU, which turns every @triton.jit
+kernel into an interpreted function that cannot be compiled; so everything that binds or
+compiles runs in a subprocess with that variable removed. The quick subset compiles each kernel
+once for one NVIDIA and one AMD target (about half a minute on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vllm_portable_attn import compile_check as cc
+from vllm_portable_attn.kernels.configs import _TABLE
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS = (
+    "attention_kernel",
+    "_merge_segments_kernel",
+    "_classify_kernel",
+    "_write_kv_cache_kernel",
+)
+
+
+def _have_amd_backend() -> bool:
+    from triton.backends import backends
+
+    return "amd" in backends
+
+
+def _compiler_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _python(code: str) -> Any:
+    """Run `code` without the interpreter; it prints one JSON value last."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=_compiler_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], str, list[dict]]:
+    targets = ["sm90"] + (["gfx942"] if _have_amd_backend() else [])
+    out = tmp_path_factory.mktemp("compile_check") / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "vllm_portable_attn.compile_check", "--quick",
+         "--targets", ",".join(targets), "--json", str(out)],
+        env=_compiler_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, f"compile check failed:\n{done.stdout}\n{done.stderr[-5000:]}"
+    return targets, done.stdout, json.loads(out.read_text())
+
+
+def test_quick_compiles_every_kernel(quick_run: tuple[list[str], str, list[dict]]) -> None:
+    targets, _, rows = quick_run
+    assert rows and all(r["error"] is None for r in rows)
+    for target in targets:
+        compiled = {r["kernel"] for r in rows if r["target"] == target}
+        assert compiled == set(KERNELS), (target, compiled)
+    # The routes: the unified launch, the grouped route's three, the split-KV partials.
+    launches = {r["launch"] for r in rows if r["kernel"] == "attention_kernel"}
+    assert {"unified seg8", "decode", "extend", "prefill dense"} <= launches
+    # Registers were measured (ptxas -v / AMDGCN metadata) for every row.
+    assert all(r["regs"] for r in rows)
+
+
+def test_quick_prints_the_table_last(quick_run: tuple[list[str], str, list[dict]]) -> None:
+    targets, stdout, rows = quick_run
+    lines = stdout.rstrip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
+    table = lines[header + 2 :]
+    assert len(table) == len(rows)
+    for kernel in KERNELS:
+        for target in targets:
+            assert any(row.split()[:2] == [kernel, target] for row in table), (kernel, target)
+    assert "OK:" in stdout
+
+
+@pytest.mark.skipif(not _have_amd_backend(), reason="this Triton has no AMD backend")
+def test_binding_follows_each_target() -> None:
+    """Launch parameters and specialisation come from the target, not from this machine."""
+    found = _python(
+        """
+        import json
+        from vllm_portable_attn import compile_check as cc
+        sc = [cc.Scenario("unified", max_query_len=512, dtype="fp8")]
+        jobs = cc.collect_jobs(sc, [cc.TARGETS[t] for t in cc.TARGETS])
+        out = {}
+        for j in jobs:
+            if j.kernel != "attention_kernel":
+                continue
+            names = list(j.signature)
+            const = {n: j.constexprs.get((i,)) for i, n in enumerate(names)}
+            out[j.target] = {
+                "config": [const["BLOCK_M"], const["TILE_N"], j.options["num_warps"],
+                           j.options["num_stages"]],
+                "key": j.signature["key_ptr"],
+                "query_range": any("tt.pointer_range" in a[0] for a in j.attrs[(0,)]),
+                "cache_range": any(
+                    "tt.pointer_range" in a[0] for a in j.attrs[(names.index("key_ptr"),)]),
+            }
+        print(json.dumps(out))
+        """
+    )
+    # The backend refuses an fp8 KV cache below compute capability 8.9, so sm80 has none.
+    assert set(found) == {"sm90", "gfx942", "gfx950"}
+    # Each target's row of the config table (D 128, GQA 4: block_m is the row's count).
+    for target in found:
+        row = _TABLE[(cc.TARGETS[target].table_arch, "prefill")]
+        assert found[target]["config"] == list(row), target
+    assert found["sm90"]["key"] == "*fp8e4nv"  # e4m3fn
+    assert found["gfx942"]["key"] == "*fp8e4b8"  # e4m3fnuz, vLLM's fp8 on gfx94x
+    assert found["gfx950"]["key"] == "*fp8e4nv"
+    # AMD buffer ops: small tensors qualify, the (multi-GiB) KV cache does not.
+    assert found["gfx942"]["query_range"] and not found["gfx942"]["cache_range"]
+    assert not found["sm90"]["query_range"]
+
+
+def test_head_sizes_match_backend() -> None:
+    from vllm_portable_attn.backend import SUPPORTED_HEAD_SIZES
+
+    assert list(cc.HEAD_SIZES) == list(SUPPORTED_HEAD_SIZES)
+
+
+def test_does_not_import_vllm() -> None:
+    found = _python(
+        """
+        import json, sys
+        import vllm_portable_attn.compile_check
+        print(json.dumps(sorted(m for m in sys.modules if m == "vllm" or m.startswith("vllm."))))
+        """
+    )
+    assert found == []
+
+
+def _result(kernel: str, spill: int) -> cc.CompileResult:
+    job = cc.CompileJob("m", kernel, "sm90", {}, {}, {}, {}, scenarios=["case"])
+    return cc.CompileResult(job, spill_bytes=spill)
+
+
+def test_only_hot_path_spills_fail() -> None:
+    assert _result("attention_kernel", 8).failed
+    assert _result("_merge_segments_kernel", 8).failed
+    assert not _result("_write_kv_cache_kernel", 8).failed
+    assert _result("_write_kv_cache_kernel", 8).status == "spill(ok)"
+    assert not _result("attention_kernel", 0).failed
+    errored = _result("_classify_kernel", 0)
+    errored.error = "boom"
+    assert errored.failed and errored.status == "ERROR"
+
+
+def test_parses_amd_metadata() -> None:
+    asm = textwrap.dedent(
+        """
+        amdhsa.kernels:
+          - .agpr_count:     4
+            .group_segment_fixed_size: 0
+            .private_segment_fixed_size: 96
+            .sgpr_count:     38
+            .sgpr_spill_count: 2
+            .vgpr_count:     128
+            .vgpr_spill_count: 5
+        """
+    )
+    res = _result("attention_kernel", 0)
+    cc._amd_usage(asm, res)
+    assert (res.regs, res.spill_bytes, res.scratch_bytes) == ("128v/4a/38s", 5, 96)
+    assert res.spill_text == "5v/2s" and res.failed
+
+
+def test_parses_ptxas_report() -> None:
+    log = (
+        "ptxas info    : Compiling entry function 'attention_kernel' for 'sm_90a'\n"
+        "ptxas info    : Function properties for attention_kernel\n"
+        "    24 bytes stack frame, 16 bytes spill stores, 20 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 400 bytes cmem[0]\n"
+    )
+    res = _result("attention_kernel", 0)
+    cc._nvidia_usage("", 90, log, res)
+    assert (res.regs, res.spill_bytes, res.scratch_bytes) == ("255", 36, 24)
+    assert res.status == "SPILL"

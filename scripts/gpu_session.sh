@@ -27,7 +27,7 @@
 #   pytest_vllm             yes   200     40   tests/test_backend.py tests/test_registration.py
 #   pytest_all              yes   480     90   the whole of tests/
 #   e2e_correctness         yes   390    150   e2e_check.py correctness: CUSTOM vs TRITON_ATTN, FLASH_ATTN
-#   e2e_correctness_grouped yes   390    150   the same with --route grouped
+#   e2e_correctness_grouped yes   300    150   --route grouped, against TRITON_ATTN only (fits one call)
 #   bench_kernels           yes   240     90   bench.py kernels: portable, triton_attn, fa3; $KERNEL_CASES
 #   bench_kernels_all       yes   560    120   the same over all cases
 #   bench_kernels_cg        yes   240     90   baseline cases timed with do_bench_cudagraph
@@ -209,7 +209,7 @@ step_spec() { # name -> "needs_vllm|limit|least useful time|command"
     bench_kernels_all) echo "1|560|120|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_kernels_cg) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases baseline --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     e2e_correctness) echo "1|390|150|$E correctness $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
-    e2e_correctness_grouped) echo "1|390|150|$E correctness --route grouped --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
+    e2e_correctness_grouped) echo "1|300|150|$E correctness --route grouped --backends CUSTOM,TRITON_ATTN --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     e2e_serve) echo "1|330|200|$E serve $route_arg --timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     bench_e2e_quick) echo "1|560|200|$B e2e --quick --backends $E2E_BACKENDS --workloads short,long $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     bench_e2e) echo "1|570|240|$B e2e --backends $E2E_BACKENDS --workloads $E2E_WORKLOADS $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;

@@ -166,6 +166,10 @@ def test_only_hot_path_spills_fail() -> None:
     assert not _result("_write_kv_cache_kernel", 8).failed
     assert _result("_write_kv_cache_kernel", 8).status == "spill(ok)"
     assert not _result("attention_kernel", 0).failed
+    # Over the target's shared memory (227 KiB on sm90): Triton would refuse the launch.
+    too_big = _result("_write_kv_cache_kernel", 0)
+    too_big.shared_bytes = 232448 + 1
+    assert too_big.failed and too_big.status == "SMEM"
     errored = _result("_classify_kernel", 0)
     errored.error = "boom"
     assert errored.failed and errored.status == "ERROR"

@@ -106,7 +106,7 @@ def test_classifier_groups_and_order() -> None:
         dtype=torch.float32,
         device=DEVICE,
     )
-    groups = RequestGroups.allocate(10, "cpu")
+    groups = RequestGroups.allocate(10, DEVICE)
     classify_requests(b.query_start_loc, b.seq_lens, groups, decode_threshold=8)
     expected = {
         GROUP_DECODE: [1, 4, 6],

@@ -82,8 +82,8 @@ def test_score_features(features: dict, num_segments: int) -> None:
 def test_alibi_and_sinks(num_segments: int) -> None:
     requests = MIXED if num_segments == 1 else DECODES
     gen = torch.Generator().manual_seed(1)
-    alibi = torch.rand(8, generator=gen) * 0.5
-    sinks = torch.randn(8, generator=gen) * 2
+    alibi = (torch.rand(8, generator=gen) * 0.5).to(DEVICE)
+    sinks = (torch.randn(8, generator=gen) * 2).to(DEVICE)
     run_and_check(cpu_batch(requests), num_segments=num_segments, alibi_slopes=alibi)
     run_and_check(cpu_batch(requests), num_segments=num_segments, sinks=sinks)
 

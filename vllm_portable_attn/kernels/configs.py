@@ -78,15 +78,16 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("hopper", "spec"): (16, 128, 8, 3),
     ("ampere", "decode"): (16, 64, 4, 2),
     ("ampere", "decode_split"): (16, 64, 4, 2),
-    ("ampere", "spec"): (16, 64, 4, 2),
+    ("ampere", "spec"): (16, 64, 4, 1),
     ("cdna", "decode"): (16, 64, 4, 1),
     ("cdna", "decode_split"): (16, 64, 4, 1),
     ("cdna", "spec"): (16, 64, 4, 1),
     # Prefill is compute-bound: 128 query rows share each K/V tile.
     ("hopper", "prefill"): (128, 128, 8, 2),
     ("hopper", "prefill_dense"): (128, 64, 8, 3),
-    ("ampere", "prefill"): (128, 64, 8, 2),
-    ("ampere", "prefill_dense"): (128, 64, 8, 2),
+    # Ampere: two pipeline stages spill with ALiBi, windows or heads > 128 (compile_check).
+    ("ampere", "prefill"): (128, 64, 8, 1),
+    ("ampere", "prefill_dense"): (128, 64, 8, 1),
     ("cdna", "prefill"): (128, 64, 8, 1),
     ("cdna", "prefill_dense"): (128, 64, 8, 1),
 }
@@ -101,16 +102,39 @@ def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False)
     return "decode_split" if num_segments > 1 else "decode"
 
 
+# Shared memory (LDS on AMD) one program may use, per architecture: H100/H200 227 KiB, A100
+# 163 KiB, MI300 64 KiB. The interpreter has no limit; the Hopper figure keeps its tiles honest.
+_SHARED_MEMORY_BYTES = {
+    "interpreter": 232448,
+    "hopper": 232448,
+    "ampere": 166912,
+    "cdna": 65536,
+}
+# Keys x head dims of one K (or V) tile above which the scores and accumulator of a prefill
+# tile no longer fit the register file without spilling (seen at head size 256 on sm80/sm90).
+_MAX_TILE_ELEMENTS = 128 * 128
+
+
 @functools.lru_cache(maxsize=256)
 def attention_config(
-    head_size_padded: int, queries_per_kv_padded: int, max_query_len: int, shape: str
+    head_size_padded: int,
+    queries_per_kv_padded: int,
+    max_query_len: int,
+    shape: str,
+    elem_bytes: int = 2,
+    score_features: int = 0,
 ) -> AttentionConfig:
     """The tile configuration of one launch of the attention kernel.
 
     Any configuration is correct for any batch; `max_query_len` only sizes a spec-verify block
-    so one program holds every query of a request (K/V read once).
+    so one program holds every query of a request (K/V read once). The table's tile is then
+    shrunk, if need be, until the pipelined K/V tiles and the Q block fit shared memory for this
+    head size and element size (fp32 doubles every tile). `score_features` counts the score
+    modifiers in use (softcap, ALiBi, window, sinks); two or more add live registers per score,
+    so prefill tiles get fewer keys.
     """
-    rows, tile_n, num_warps, num_stages = _TABLE[(_arch(), shape)]
+    arch = _arch()
+    rows, tile_n, num_warps, num_stages = _TABLE[(arch, shape)]
     if shape in ("decode", "decode_split", "spec"):
         block_q = triton.next_power_of_2(min(max(max_query_len, 1), MAX_DECODE_QUERY_LEN))
         block_m = max(rows, block_q * queries_per_kv_padded)
@@ -119,8 +143,30 @@ def attention_config(
         # Large heads double the register footprint of Q and the accumulator.
         if head_size_padded >= 256 and block_m > 64:
             block_m //= 2
+        while tile_n > 32 and tile_n * head_size_padded * elem_bytes > 2 * _MAX_TILE_ELEMENTS:
+            tile_n //= 2
+        if score_features >= 2:
+            tile_n = min(tile_n, 64)
+        if elem_bytes == 4:
+            # fp32 dots run without tensor cores ("ieee"): a 128-row fp32 tile spills heavily.
+            block_m, tile_n = max(32, queries_per_kv_padded), min(tile_n, 32)
+            num_warps = 4
+
+    def shared_bytes() -> int:
+        kv_tiles = max(num_stages, 1) * 2 * tile_n * head_size_padded * elem_bytes
+        return kv_tiles + block_m * head_size_padded * elem_bytes
+
+    while shared_bytes() > _SHARED_MEMORY_BYTES[arch] and tile_n > 16:
+        tile_n //= 2
+    while shared_bytes() > _SHARED_MEMORY_BYTES[arch] and num_stages > 1:
+        num_stages -= 1
     block_q = max(block_m // queries_per_kv_padded, 1)
     return AttentionConfig(block_q, block_q * queries_per_kv_padded, tile_n, num_warps, num_stages)
+
+
+def count_score_features(*features: object) -> int:
+    """How many optional score modifiers are on (each argument: None or falsy when off)."""
+    return sum(1 for feature in features if feature is not None and feature is not False)
 
 
 def choose_num_segments(

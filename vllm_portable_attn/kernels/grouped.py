@@ -30,6 +30,7 @@ from vllm_portable_attn.kernels.classify import (
 from vllm_portable_attn.kernels.configs import (
     MAX_DECODE_QUERY_LEN,
     attention_config,
+    count_score_features,
     launch_shape,
 )
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
@@ -87,11 +88,14 @@ def grouped_attention(
         return
     pad_d, pad_q = head_pad(query.shape[2]), queries_per_kv_pad(query, key_cache)
     decode_len = min(max_query_len, MAX_DECODE_QUERY_LEN)
-    decode_cfg = attention_config(pad_d, pad_q, decode_len, launch_shape(decode_len, num_segments))
-    extend_cfg = attention_config(pad_d, pad_q, max_query_len, "prefill")
+    elem = query.element_size()
+    mods = count_score_features(sliding_window, softcap or None, alibi_slopes, sinks)
+    decode_shape = launch_shape(decode_len, num_segments)
+    decode_cfg = attention_config(pad_d, pad_q, decode_len, decode_shape, elem, mods)
+    extend_cfg = attention_config(pad_d, pad_q, max_query_len, "prefill", elem, mods)
     dense_prefill = key is not None and value is not None and key_cache.dtype == query.dtype
     prefill_cfg = attention_config(
-        pad_d, pad_q, max_query_len, "prefill_dense" if dense_prefill else "prefill"
+        pad_d, pad_q, max_query_len, "prefill_dense" if dense_prefill else "prefill", elem, mods
     )
     features = dict(
         softmax_scale=softmax_scale, causal=causal, sliding_window=sliding_window,

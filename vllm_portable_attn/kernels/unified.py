@@ -11,7 +11,12 @@ import torch
 import triton
 
 from vllm_portable_attn.kernels._attention_kernel import FP8_DTYPES, launch_attention
-from vllm_portable_attn.kernels.configs import AttentionConfig, attention_config, launch_shape
+from vllm_portable_attn.kernels.configs import (
+    AttentionConfig,
+    attention_config,
+    count_score_features,
+    launch_shape,
+)
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,6 +75,8 @@ def unified_attention(
         queries_per_kv_pad(query, key_cache),
         max_query_len,
         launch_shape(max_query_len, num_segments),
+        query.element_size(),
+        count_score_features(sliding_window, softcap or None, alibi_slopes, sinks),
     )
     launch_attention(
         query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table,

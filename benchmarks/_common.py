@@ -375,6 +375,34 @@ def probe_attention_impls(llm: Any) -> list[str]:
         return [f"?: {type(e).__name__}: {str(e)[:200]}"]
 
 
+def start_dummy_engine(args: Any) -> tuple[Any, dict[str, Any]]:
+    """A vLLM engine on ``args.model`` with dummy weights and token-id prompts, as every
+    speed and serve run here uses it; also returns its start time, attention impls and run info.
+
+    ``args`` carries model, backend, max_model_len, gpu_mem, enforce_eager and seed.
+    """
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=args.model,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        attention_backend=args.backend,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_mem,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+    )
+    info = {
+        "engine_start_s": time.perf_counter() - t0,
+        "impls": probe_attention_impls(llm),
+        "run_info": run_info(False),
+    }
+    return llm, info
+
+
 def child_env(backend: str, route: str | None = None) -> dict[str, str]:
     """Environment for an engine child: the probe's serialization switch, quieter start-up,
     and the kernel route for our backend only."""

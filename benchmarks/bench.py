@@ -1049,7 +1049,7 @@ def _max_len(ws: Sequence[Workload]) -> int:
 def e2e_worker(args: argparse.Namespace) -> int:
     """Child process: one engine, one backend, the selected workloads; results to a JSON file
     after every workload, so a later time-out keeps what finished."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     table = QUICK_WORKLOADS if args.quick else WORKLOADS
@@ -1062,21 +1062,8 @@ def e2e_worker(args: argparse.Namespace) -> int:
     def save() -> None:
         out_path.write_text(json.dumps(result))
 
-    t0 = time.perf_counter()
-    llm = LLM(
-        model=args.model,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        dtype="bfloat16",
-        attention_backend=args.backend,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_mem,
-        enforce_eager=args.enforce_eager,
-        seed=args.seed,
-    )
-    result["engine_start_s"] = time.perf_counter() - t0
-    result["impls"] = C.probe_attention_impls(llm)
-    result["run_info"] = C.run_info(False)
+    llm, engine_info = C.start_dummy_engine(args)
+    result.update(engine_info)
     print(
         f"[e2e {args.backend}] engine up in {result['engine_start_s']:.1f}s; "
         f"attention impls {result['impls']}",

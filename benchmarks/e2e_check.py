@@ -56,28 +56,15 @@ def serve_requests(n: int, max_len: int, seed: int, vocab: int) -> list[tuple[li
 
 def serve_worker(args: argparse.Namespace) -> int:
     """Child: one engine on the given backend, one batch, results to ``--json-result``."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     res: dict[str, Any] = {"ok": False, "backend": args.backend}
     out_path = Path(args.json_result)
     vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
     reqs = serve_requests(args.num_prompts, args.max_prompt_len, args.seed, vocab)
-    t0 = time.perf_counter()
-    llm = LLM(
-        model=args.model,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        dtype="bfloat16",
-        attention_backend=args.backend,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_mem,
-        enforce_eager=args.enforce_eager,
-        seed=args.seed,
-    )
-    res["engine_start_s"] = time.perf_counter() - t0
-    res["impls"] = C.probe_attention_impls(llm)
-    res["run_info"] = C.run_info(False)
+    llm, engine_info = C.start_dummy_engine(args)
+    res.update(engine_info)
     out_path.write_text(json.dumps(res))
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in reqs]
     sps = [

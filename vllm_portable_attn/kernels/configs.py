@@ -78,7 +78,7 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("hopper", "spec"): (16, 128, 8, 3),
     ("ampere", "decode"): (16, 64, 4, 2),
     ("ampere", "decode_split"): (16, 64, 4, 2),
-    ("ampere", "spec"): (16, 64, 4, 1),
+    ("ampere", "spec"): (16, 64, 2, 1),
     ("cdna", "decode"): (16, 64, 4, 1),
     ("cdna", "decode_split"): (16, 64, 4, 1),
     ("cdna", "spec"): (16, 64, 4, 1),
@@ -146,10 +146,10 @@ def attention_config(
         while tile_n > 32 and tile_n * head_size_padded * elem_bytes > 2 * _MAX_TILE_ELEMENTS:
             tile_n //= 2
         if score_features >= 2:
-            tile_n = min(tile_n, 64)
+            tile_n = min(tile_n, 64 if arch == "hopper" else 32)
         if elem_bytes == 4:
             # fp32 dots run without tensor cores ("ieee"): a 128-row fp32 tile spills heavily.
-            block_m, tile_n = max(32, queries_per_kv_padded), min(tile_n, 32)
+            block_m, tile_n = max(16, queries_per_kv_padded), min(tile_n, 16)
             num_warps = 4
 
     def shared_bytes() -> int:

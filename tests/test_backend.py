@@ -920,23 +920,3 @@ def test_builder_follows_the_route(
     assert (setup.builder.request_groups is not None) == (expected == "grouped")
     if expected == "grouped":  # sized for vLLM's max_num_seqs (16 in make_vllm_config)
         assert setup.builder.request_groups.seq_order.shape[0] == 16
-
-
-def test_bad_route_is_refused_at_selection(route_env: pytest.MonkeyPatch) -> None:
-    from vllm.platforms.interface import DeviceCapability
-
-    route_env.setenv(envs.ROUTE_ENV, "fastest")
-    reasons = PortableAttentionBackend.validate_configuration(
-        head_size=128,
-        dtype=torch.bfloat16,
-        kv_cache_dtype="auto",
-        block_size=None,
-        use_mla=False,
-        has_sink=False,
-        use_sparse=False,
-        use_mm_prefix=False,
-        use_per_head_quant_scales=False,
-        device_capability=DeviceCapability(9, 0),
-        attn_type="decoder",
-    )
-    assert len(reasons) == 1 and "PORTABLE_ATTN_ROUTE='fastest' is not valid" in reasons[0]

@@ -20,7 +20,7 @@ from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 import vllm_portable_attn
-from vllm_portable_attn import _compat
+from vllm_portable_attn import _compat, envs
 from vllm_portable_attn.backend import PortableAttentionBackend
 
 PACKAGE_DIR = Path(vllm_portable_attn.__file__).parent
@@ -294,3 +294,14 @@ def test_stride_order_gives_nhd_memory_for_packed_kv() -> None:
     logical = physical.permute(*inverse)
     assert logical.shape == (nb, hkv, bs, 2 * d)
     assert logical.stride() == (bs * hkv * 2 * d, 2 * d, hkv * 2 * d, 1)
+
+
+def test_bad_route_is_refused_at_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(envs.ROUTE_ENV, "fastest")
+    envs.reset_cache()
+    try:
+        reasons = PortableAttentionBackend.validate_configuration(**BASE_CONFIG)
+    finally:
+        monkeypatch.undo()
+        envs.reset_cache()
+    assert len(reasons) == 1 and "PORTABLE_ATTN_ROUTE='fastest' is not valid" in reasons[0]

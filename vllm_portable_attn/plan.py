@@ -51,6 +51,7 @@ from vllm_portable_attn.kernels import (
     choose_num_segments,
     classify_requests,
 )
+from vllm_portable_attn.kernels.configs import config_table_name
 
 logger = get_logger(__name__)
 
@@ -87,6 +88,15 @@ def _device_num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return CPU_NUM_SMS
+
+
+def _device_description(device: torch.device) -> str:
+    """The GPU's name and architecture for the start-up log (no GPU: Triton's interpreter)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "the CPU (Triton interpreter)"
+    props = torch.cuda.get_device_properties(device)
+    arch = getattr(props, "gcnArchName", "") or f"sm_{props.major}{props.minor}"
+    return f"{props.name} ({arch})"
 
 
 class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentionMetadata]):
@@ -163,6 +173,13 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             self.num_kv_heads,
             self.head_size,
             self.num_sms,
+        )
+        # Which per-architecture rows of kernels/configs.py's launch table this process uses
+        # ("interpreter" means no GPU: Triton's CPU interpreter).
+        logger.info_once(
+            "vllm_portable_attn: launch-config table '%s' chosen for %s",
+            config_table_name(),
+            _device_description(torch.device(device)),
         )
 
     @staticmethod

@@ -50,6 +50,11 @@ def _arch() -> str:
     return "hopper" if major >= 9 else "ampere"
 
 
+def config_table_name() -> str:
+    """Which architecture's rows of the table this process launches with (read-only)."""
+    return _arch()
+
+
 # The launch shapes, each with its own table row:
 #   decode        q_len 1, one program per (request, KV head) over all its keys
 #   decode_split  q_len 1 with split-KV: each program covers a slice of the keys

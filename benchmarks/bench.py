@@ -222,7 +222,15 @@ class Inputs:
     calls touch different memory (matters for ``--cudagraph``, which does not flush L2; plain
     ``do_bench`` flushes L2 before every call anyway)."""
 
-    def __init__(self, case: Case, geo: Geometry, copies: int, seed: int, device: str) -> None:
+    def __init__(
+        self,
+        case: Case,
+        geo: Geometry,
+        copies: int,
+        seed: int,
+        device: str,
+        shuffle_pages: bool = True,
+    ) -> None:
         import torch
 
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -241,8 +249,11 @@ class Inputs:
         )
         self.key_cache = self.kv_cache[..., :d]
         self.value_cache = self.kv_cache[..., d:]
-        # Shuffled block ids, disjoint between copies: pages of a sequence are scattered.
+        # Shuffled block ids, disjoint between copies: pages of a sequence are scattered, as
+        # in a long-running server. Contiguous ids isolate the cost of that scatter.
         perm = (torch.randperm(self.num_blocks - 1, generator=gen) + 1).to(torch.int32)
+        if not shuffle_pages:
+            perm = torch.arange(1, self.num_blocks, dtype=torch.int32)
         self.block_tables = []
         self.block_lists: list[list[torch.Tensor]] = []  # per copy, per seq: its block ids
         pos = 0
@@ -310,6 +321,23 @@ def _parse_config(spec: str, inp: Inputs) -> Any:
     block_m, tile_n, warps, stages = (int(x) for x in spec.split("x"))
     qpk = triton.next_power_of_2(inp.geo.num_heads // inp.geo.num_kv_heads)
     return AttentionConfig(max(block_m // qpk, 1), block_m, tile_n, warps, stages)
+
+
+def _override_config_table(spec: str) -> None:
+    """--table: replace rows of our config table for this run, e.g. 'prefill_dense=128x128x8x2'.
+
+    Unlike portable@CONFIG (one config for every launch of the unified kernel), this changes
+    what the table hands both routes for one launch shape, so the grouped route can be swept.
+    """
+    from vllm_portable_attn.kernels import configs
+
+    arch = configs._arch()
+    for item in filter(None, spec.split(",")):
+        shape, _, tile = item.partition("=")
+        if shape not in configs.SHAPES:
+            raise SystemExit(f"--table: unknown shape {shape!r}; one of {configs.SHAPES}")
+        configs._TABLE[(arch, shape)] = tuple(int(x) for x in tile.split("x"))
+    configs.attention_config.cache_clear()
 
 
 def _provider_portable(
@@ -689,6 +717,8 @@ def run_kernels(args: argparse.Namespace) -> int:
     for p in providers:
         if p not in PROVIDERS:
             raise SystemExit(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    if args.table:
+        _override_config_table(args.table)
 
     info = C.run_info()
     print(
@@ -743,7 +773,7 @@ def run_kernels(args: argparse.Namespace) -> int:
             break
         copies = 1 if args.check_only else _copies_for(case, geo, rotate_bytes)
         try:
-            inp = Inputs(case, geo, copies, args.seed, dev)
+            inp = Inputs(case, geo, copies, args.seed, dev, args.page_order == "shuffled")
         except torch.OutOfMemoryError as e:
             print(f"{case.id}: skipped, inputs do not fit ({e})", flush=True)
             continue
@@ -767,6 +797,8 @@ def run_kernels(args: argparse.Namespace) -> int:
             "dtype": geo.dtype_name,
             "copies": copies,
             "timer": _timer_name(args),
+            "table_override": args.table or None,
+            "page_order": args.page_order,
         }
         outputs: dict[str, Any] = {}
         case_rows: dict[str, dict[str, Any]] = {}
@@ -1304,6 +1336,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma list of BMxTNxWxS tile configs (rows, keys per tile, warps, stages) to "
         "time our unified kernel with, each as provider portable@CONFIG",
+    )
+    kp.add_argument(
+        "--page-order",
+        default="shuffled",
+        choices=["shuffled", "contiguous"],
+        help="block ids of each sequence: shuffled over the cache (default, like a long-running "
+        "server) or consecutive",
+    )
+    kp.add_argument(
+        "--table",
+        default="",
+        help="comma list of SHAPE=BMxTNxWxS replacing rows of our config table for this run "
+        "(shapes: decode, decode_split, spec, prefill, prefill_dense)",
     )
     kp.add_argument(
         "--segments",

@@ -6,6 +6,7 @@ Each program owns one *query block* of one sequence and one KV head:
   * Static grid: `num_tokens // BLOCK_Q + num_seqs` query blocks bound sum(ceil(q_len /
     BLOCK_Q)) without a host sync (see `find_seq_idx`); surplus programs exit at once. The grid
     depends only on padded counts, so it is safe inside full CUDA graphs of mixed batches.
+    Blocks are served in reverse order, so the longest causal blocks start first.
   * Causal with the context offset: query i of a sequence sits at position context_len + i,
     where context_len = seq_len - q_len, and sees keys at or before it.
   * Split-KV: with NUM_SEGMENTS > 1 each program covers one slice of the key range and writes
@@ -165,7 +166,11 @@ def attention_kernel(
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    q_block_idx = tl.program_id(0)
+    # Longest first: under causal masking a sequence's later query blocks see the most keys.
+    # Programs start in index order, so walking the blocks backwards starts the heaviest ones
+    # first and leaves the light ones to fill the tail of the last wave. The surplus programs
+    # of the static grid now come first, and exit at once.
+    q_block_idx = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 

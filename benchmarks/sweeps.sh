@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Config sweeps of our kernels alone (no vLLM needed), for choosing the rows of the per-arch
+# table in vllm_portable_attn/kernels/configs.py offline. Each variant is one bench.py process
+# (the table is read at launch), timed with the plain do_bench timer; rows go to $RESULTS.
+#
+#   bash benchmarks/sweeps.sh SWEEP [SWEEP ...]
+#
+# Sweeps:
+#   decode_split   split-KV decode tiles and segment counts on the small-batch long-context
+#                  cases (goal K2)
+#   prefill_dense  the grouped route's dense prefill tiles (goal K4)
+#   prefill_paged  the paged prefill/extend tiles (goals K4, K5)
+#   page_order     shuffled vs consecutive block ids: what the page scatter costs
+#   ncu            Nsight Compute sections for the paged and the dense prefill (one launch each)
+# Correctness is not re-checked here (no reference, no FA3): the tests cover every config.
+
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-/tmp/sweeps_out}
+RESULTS=${RESULTS:-$OUT/results.jsonl}
+mkdir -p "$OUT"
+BENCH=(python3 benchmarks/bench.py kernels --no-reference --no-ceilings --rep 60 --out "$RESULTS")
+
+K2_CASES=decode_b1_ctx32k,decode_b4_ctx32k,decode_b8_ctx16k,decode_b2_ctx64k,decode_b4_ctx128k,decode_b8_ctx64k
+PREFILL_CASES=prefill_b1_8k,prefill_b4_4k,prefill_b16_1k,mixed_2p2k_32d1k
+PAGED_CASES=prefill_b1_8k,extend_b4_q512_ctx8k,mixed_2p2k_32d1k
+
+sweep_decode_split() {
+  local tile segs
+  for tile in 16x128x4x3 16x64x4x3 16x64x4x4 16x128x4x2 16x32x4x4 16x64x8x3; do
+    "${BENCH[@]}" --providers portable --cases "$K2_CASES" --table "decode_split=$tile"
+  done
+  for segs in 16 32 64; do
+    for tile in 16x128x4x3 16x64x4x3; do
+      "${BENCH[@]}" --providers portable --cases "$K2_CASES" --table "decode_split=$tile" \
+        --segments "$segs"
+    done
+  done
+}
+
+sweep_prefill_dense() {
+  local tile
+  for tile in 128x64x8x3 128x128x8x2 128x128x8x3 128x64x8x4 64x64x4x3 128x32x8x4; do
+    "${BENCH[@]}" --providers portable_grouped --cases "$PREFILL_CASES" \
+      --table "prefill_dense=$tile"
+  done
+}
+
+sweep_prefill_paged() {
+  local tile
+  for tile in 128x128x8x2 128x64x8x3 128x128x8x3 128x64x8x4 64x128x4x3 128x32x8x4; do
+    "${BENCH[@]}" --providers portable --cases "$PAGED_CASES" --table "prefill=$tile"
+  done
+}
+
+sweep_page_order() {
+  local order
+  for order in shuffled contiguous; do
+    "${BENCH[@]}" --providers portable,portable_grouped --cases "$PAGED_CASES" \
+      --page-order "$order"
+  done
+}
+
+sweep_ncu() {
+  local provider
+  for provider in portable portable_grouped; do
+    # The grouped route launches one kernel per group; the prefill group's comes third.
+    ncu --kernel-name regex:attention_kernel --launch-count 3 --section SpeedOfLight \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+      python3 benchmarks/bench.py kernels --check-only --no-reference --no-ceilings \
+      --providers "$provider" --cases prefill_b1_8k >"$OUT/ncu_$provider.txt" 2>&1
+    echo "ncu $provider: exit $? ($(wc -l <"$OUT/ncu_$provider.txt") lines)"
+  done
+}
+
+for sweep in "$@"; do
+  echo "=== sweep $sweep ==="
+  "sweep_$sweep" || echo "sweep $sweep failed"
+done

@@ -4,6 +4,7 @@
     python3 benchmarks/bench.py kernels [--providers portable,triton_attn,fa3] [--cases baseline]
     python3 benchmarks/bench.py e2e [--backends CUSTOM,FLASH_ATTN,TRITON_ATTN] [--quick]
     python3 benchmarks/bench.py kernels --list-cases
+    python3 benchmarks/bench.py plan [--routes unified,grouped]   (K7: see plan_overhead.py)
 
 ``kernels`` times paged attention kernels side by side on Llama-3.1-8B heads (32 query / 8 KV
 heads, head size 128, bf16, paged KV in blocks of 16, vLLM's NHD layout with K and V packed in
@@ -1300,7 +1301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{kernels,e2e}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{kernels,e2e,plan}")
 
     kp = sub.add_parser("kernels", help="kernel-level timings vs FA3 and vLLM's Triton kernel")
     kp.add_argument(
@@ -1460,6 +1461,10 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("--out", help="append JSON rows to this file")
 
+    import plan_overhead  # the 'plan' subcommand (K7 per-step overhead) lives in its own module
+
+    plan_overhead.add_parser(sub)
+
     wp = sub.add_parser("_e2e_worker")  # internal: one engine per child process
     wp.add_argument("--backend", required=True)
     wp.add_argument("--model", required=True)
@@ -1482,6 +1487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_e2e(args)
     if args.cmd == "_e2e_worker":
         return e2e_worker(args)
+    if args.cmd == "plan":
+        import plan_overhead
+
+        return plan_overhead.run(args)
     return 2
 
 

@@ -41,6 +41,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,8 @@ class CompileCounter:
     """
 
     def __init__(self) -> None:
-        self.kernels: list[str] = []
+        self.kernels: list[str] = []  # one name per compile
+        self.signatures: list[str] = []  # Triton's description of each specialisation compiled
         self._previous: Callable[..., Any] | None = None
 
     def __enter__(self) -> CompileCounter:
@@ -233,8 +235,8 @@ class CompileCounter:
         triton.knobs.runtime.jit_post_compile_hook = self._previous
 
     def _hook(self, **kwargs: Any) -> Any:
-        fn = kwargs.get("fn")
-        self.kernels.append(f"{getattr(fn, 'name', '?')}" if fn is not None else "?")
+        self.kernels.append(str(getattr(kwargs.get("fn"), "name", "?")))
+        self.signatures.append(str(kwargs.get("repr", "?"))[:400])
         if self._previous is not None:
             return self._previous(**kwargs)
         return None
@@ -394,8 +396,14 @@ def run(args: argparse.Namespace) -> int:
                 emit({"what": "error", "route": route, "error": f"{type(e).__name__}: {e}"})
                 print(f"{route}: could not build the layer: {e}", flush=True)
                 continue
-            _run_route(layer, route, steps, other_lengths, forward_step, o, args, cuda, armed,
-                       compile_check, counter, emit)  # fmt: skip
+            try:
+                _run_route(layer, route, steps, other_lengths, forward_step, o, cuda, armed,
+                           compile_check, counter, emit)  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - report the route and go on
+                traceback.print_exc()
+                emit({"what": "error", "route": route, "error": f"{type(e).__name__}: {e}"})
+                if cuda:
+                    torch.cuda.synchronize()
             del layer
             gc.collect()
 
@@ -412,7 +420,6 @@ def _run_route(
     other_lengths: list[Any],
     forward_step: Any,
     o: dict[str, Any],
-    args: argparse.Namespace,
     cuda: bool,
     armed: bool | None,
     compile_check: bool,
@@ -428,13 +435,18 @@ def _run_route(
 
     inputs = layer.inputs
     # 1. Warm-up: every specialisation a step needs gets compiled here.
+    # The outputs are checked to be finite: a harness feeding the kernels nonsense would time
+    # nonsense.
     mark = len(counter.kernels)
+    not_finite: list[str] = []
     for step in steps:
         cm = inputs.load(step)
         for _ in range(o["warmup_builds"]):
             md = layer.build(cm)
         layer.kv_cache_update(md)
-        layer.forward(md)
+        out = layer.forward(md)
+        if not bool(out[: step.num_tokens].isfinite().all()):
+            not_finite.append(step.name)
         drain()
     warmup_compiles = counter.kernels[mark:]
 
@@ -527,11 +539,13 @@ def _run_route(
         "kernels_warmup": sorted(set(warmup_compiles)),
         "compiles_after_warmup": len(after) if compile_check else None,
         "kernels_after_warmup": sorted(set(after)),
+        # what was specialised anew (first few), to find the argument that changed
+        "signatures_after_warmup": counter.signatures[mark : mark + 5],
         "steps_checked": [s.name for s in steps + other_lengths],
         "steps_ok": checked,
         "sync_checked": bool(armed),
         "sync_free": (not errors) if armed else None,
-        "errors": errors,
+        "errors": errors + [f"{name}: output not finite" for name in not_finite],
     }
     emit(row)
     print(

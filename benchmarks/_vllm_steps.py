@@ -237,8 +237,10 @@ class PortableLayer:
         os.environ[envs.ROUTE_ENV] = route
         envs.reset_cache()
         try:
+            # As tests/test_backend.py: model_config=None, and a "cpu" DeviceConfig, which the
+            # builder does not read (it gets the device below) and which needs no GPU probing.
             self.cfg = VllmConfig(
-                device_config=DeviceConfig(device="cpu" if device == "cpu" else "cuda"),
+                device_config=DeviceConfig(device="cpu"),
                 cache_config=CacheConfig(block_size=geo.block_size),
                 scheduler_config=SchedulerConfig.default_factory(
                     max_num_seqs=inputs.max_num_seqs,

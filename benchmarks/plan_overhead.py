@@ -622,10 +622,18 @@ def plan_ok(rows: list[dict[str, Any]], armed: bool | None, cuda: bool) -> bool:
     return bool(rows)
 
 
+def _short(step_name: str) -> str:
+    """'decode_b256_ctx4k' -> 'b256', 'mixed_2p2k_32d1k' -> 'mixed' (for the SUMMARY line)."""
+    if step_name.startswith("decode_b"):
+        return step_name.split("_")[1]
+    return step_name.split("_")[0]
+
+
 def plan_summary(
     rows: list[dict[str, Any]], armed: bool | None, compile_check: bool, cuda: bool
 ) -> str:
-    """The one ``SUMMARY:`` line scripts/gpu_session.sh keeps."""
+    """The one ``SUMMARY:`` line scripts/gpu_session.sh keeps (its first 300 characters are
+    shown there, so the verdicts come first)."""
     builds = [r for r in rows if r.get("what") == "build" and "build_us_p90" in r]
     parts: list[str] = []
     if builds:
@@ -636,16 +644,9 @@ def plan_summary(
             else "cpu, meaningless"
         )
         parts.append(
-            f"build p90 max {worst['build_us_p90']:.1f} us ({worst['route']} {worst['step']}; "
-            f"target {TARGET_BUILD_US:.0f}: {verdict})"
+            f"build p90 max {worst['build_us_p90']:.1f} us ({worst['route']} "
+            f"{_short(worst['step'])}; target {TARGET_BUILD_US:.0f}: {verdict})"
         )
-        for route in ROUTES:
-            mine = [r for r in builds if r["route"] == route]
-            if mine:
-                parts.append(
-                    f"{route} median "
-                    + " ".join(f"{r['step']} {r['build_us_median']:.1f}" for r in mine)
-                )
     if cuda:
         synced = [r for r in rows if r.get("sync_free") is False]
         parts.append(
@@ -663,14 +664,22 @@ def plan_summary(
         )
     elif comp:
         parts.append("compiles: n/a (interpreter)")
-    for r in rows:
-        if r.get("what") == "launch":
-            parts.append(
-                f"{r['route']} forward enqueue {r['forward_host_us_median']:.1f} us ({r['step']})"
-            )
     errs = [r for r in rows if r.get("error") or r.get("errors")]
     if errs:
         parts.append(f"{len(errs)} rows with errors")
+    for route in ROUTES:
+        mine = [r for r in builds if r["route"] == route]
+        if mine:
+            parts.append(
+                f"{route} median us "
+                + " ".join(f"{_short(r['step'])} {r['build_us_median']:.1f}" for r in mine)
+            )
+    for r in rows:
+        if r.get("what") == "launch":
+            parts.append(
+                f"{r['route']} forward enqueue {r['forward_host_us_median']:.1f} us "
+                f"({_short(r['step'])})"
+            )
     return "SUMMARY: plan: " + ("; ".join(parts) if parts else "no rows")
 
 

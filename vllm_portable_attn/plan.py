@@ -90,10 +90,8 @@ def _device_num_sms(device: torch.device) -> int:
     return CPU_NUM_SMS
 
 
-def _device_description(device: torch.device) -> str:
-    """The GPU's name and architecture for the start-up log (no GPU: Triton's interpreter)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return "the CPU (Triton interpreter)"
+def _gpu_description(device: torch.device) -> str:
+    """A GPU's name and architecture, for the start-up log."""
     props = torch.cuda.get_device_properties(device)
     arch = getattr(props, "gcnArchName", "") or f"sm_{props.major}{props.minor}"
     return f"{props.name} ({arch})"
@@ -174,13 +172,13 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             self.head_size,
             self.num_sms,
         )
-        # Which per-architecture rows of kernels/configs.py's launch table this process uses
-        # ("interpreter" means no GPU: Triton's CPU interpreter).
-        logger.info_once(
-            "vllm_portable_attn: launch-config table '%s' chosen for %s",
-            config_table_name(),
-            _device_description(torch.device(device)),
-        )
+        if torch.device(device).type == "cuda":
+            # Which per-architecture rows of kernels/configs.py's launch table this GPU gets.
+            logger.info_once(
+                "vllm_portable_attn: launch-config table '%s' chosen for %s",
+                config_table_name(),
+                _gpu_description(torch.device(device)),
+            )
 
     @staticmethod
     def _resolve_num_heads(vllm_config: VllmConfig, layer_names: list[str]) -> int | None:

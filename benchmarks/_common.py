@@ -28,6 +28,7 @@ REPO_ROOT = BENCH_DIR.parent
 MODELS_DIR = BENCH_DIR / "models"
 LLAMA_8B_DIR = MODELS_DIR / "llama-3.1-8b"
 TINY_LLAMA_DIR = MODELS_DIR / "tiny-llama"
+TINY_GEMMA2_DIR = MODELS_DIR / "tiny-gemma2"
 
 # vLLM 0.26 logs "Using AttentionBackendEnum.CUSTOM backend." when a backend was asked for
 # (platforms/cuda.py) and "Using X attention backend out of potential backends" when it chose one.
@@ -414,3 +415,171 @@ def child_env(backend: str, route: str | None = None) -> dict[str, str]:
     if route and backend == "CUSTOM":
         env["PORTABLE_ATTN_ROUTE"] = route
     return env
+
+
+# --------------------------------------------------------------------------------------------
+# Inside an engine, per worker (tensor parallelism): what every worker process really runs.
+# These are sent to the workers with ``LLM.collective_rpc`` (the function travels by value
+# through cloudpickle, and is called as ``fn(worker)``). Unlike ``apply_model``, whose function
+# argument the multiprocess executor pickles by reference (which fails for functions of this
+# folder when TP > 1), a callable ``method`` is cloudpickled at every hop.
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_layers(worker: Any) -> list[tuple[str, Any]]:
+    """(name, layer) of every attention layer of the worker's model."""
+    layers = []
+    for name, module in worker.get_model().named_modules():
+        if getattr(module, "impl", None) is not None and getattr(module, "attn_backend", None):
+            layers.append((name, module))
+    return layers
+
+
+def worker_attention_report(worker: Any) -> dict[str, Any]:
+    """Runs in a vLLM worker: its rank and device, the plugin's registration state in this
+    process, and per attention layer the backend, impl class and the attention features the
+    impl was constructed with (sliding window, soft cap, KV-cache dtype, head counts)."""
+    import os as _os
+
+    def plain(x: Any) -> Any:
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
+        return repr(x)
+
+    report: dict[str, Any] = {
+        "rank": getattr(worker, "rank", None),
+        "local_rank": getattr(worker, "local_rank", None),
+        "pid": _os.getpid(),
+        "device": str(getattr(worker, "device", None)),
+        "env_route": _os.environ.get("PORTABLE_ATTN_ROUTE"),
+        "env_plugins": _os.environ.get("VLLM_PLUGINS"),
+    }
+    plugin: dict[str, Any] = {}
+    try:
+        import vllm_portable_attn
+
+        plugin["registered"] = bool(getattr(vllm_portable_attn, "_registered", False))
+        plugin["expected_path"] = vllm_portable_attn.BACKEND_CLASS_PATH
+        plugin["module_file"] = vllm_portable_attn.__file__
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        plugin["error"] = f"import vllm_portable_attn: {type(e).__name__}: {e}"
+    try:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        custom = AttentionBackendEnum.CUSTOM
+        plugin["custom_path"] = custom.get_path() if custom.is_overridden() else None
+    except Exception as e:  # noqa: BLE001
+        plugin["custom_path_error"] = f"{type(e).__name__}: {e}"
+    report["plugin"] = plugin
+    layers = []
+    try:
+        for name, layer in _attention_layers(worker):
+            impl = layer.impl
+            try:
+                backend = layer.attn_backend.get_name()
+            except Exception:  # noqa: BLE001
+                backend = "?"
+            seen = getattr(impl, "_e2e_query_dtypes", None)
+            layers.append(
+                {
+                    "name": name,
+                    "backend": backend,
+                    "impl": f"{type(impl).__module__}.{type(impl).__qualname__}",
+                    "sliding_window": plain(getattr(impl, "sliding_window", None)),
+                    "logits_soft_cap": plain(getattr(impl, "logits_soft_cap", None)),
+                    "kv_cache_dtype": plain(getattr(impl, "kv_cache_dtype", None)),
+                    "num_heads": plain(getattr(impl, "num_heads", None)),
+                    "num_kv_heads": plain(getattr(impl, "num_kv_heads", None)),
+                    "head_size": plain(getattr(impl, "head_size", None)),
+                    "query_quant": getattr(layer, "query_quant", None) is not None,
+                    "query_dtypes_seen": None if seen is None else sorted(seen),
+                }
+            )
+    except Exception as e:  # noqa: BLE001
+        report["layers_error"] = f"{type(e).__name__}: {e}"
+    report["layers"] = layers
+    return report
+
+
+def worker_disable_query_quant(worker: Any) -> dict[str, int]:
+    """Runs in a vLLM worker: drop the fp8 query quantization that ``Attention`` applies before
+    backends that accept fp8 queries (TRITON_ATTN on CUDA with an fp8 KV cache), so that such a
+    reference computes with bf16 queries over the fp8 cache, as CUSTOM does. Only effective
+    without torch.compile (``enforce_eager``): compiled graphs have the quantization baked in."""
+    layers = _attention_layers(worker)
+    disabled = 0
+    for _, layer in layers:
+        if getattr(layer, "query_quant", None) is not None:
+            layer.query_quant = None
+            disabled += 1
+    return {"layers": len(layers), "disabled": disabled}
+
+
+def worker_record_query_dtypes(worker: Any) -> int:
+    """Runs in a vLLM worker: wrap each attention impl's ``forward`` so that it records the
+    dtype of the queries it receives (``worker_attention_report`` lists them). Eager only."""
+    count = 0
+    for _, layer in _attention_layers(worker):
+        impl = layer.impl
+        if getattr(impl, "_e2e_query_dtypes", None) is not None:
+            continue
+        seen: set[str] = set()
+        original = impl.forward
+
+        def forward(attn_layer, query, *args, _original=original, _seen=seen, **kwargs):
+            _seen.add(str(query.dtype).replace("torch.", ""))
+            return _original(attn_layer, query, *args, **kwargs)
+
+        impl._e2e_query_dtypes = seen
+        impl.forward = forward
+        count += 1
+    return count
+
+
+def call_workers(llm: Any, fn: Any) -> tuple[list[Any] | None, str | None]:
+    """``llm.collective_rpc(fn)`` (one result per worker, in rank order), or ``(None, error)``.
+
+    Needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (``child_env`` sets it)."""
+    try:
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        return list(llm.collective_rpc(fn)), None
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        return None, f"{type(e).__name__}: {str(e)[:300]}"
+
+
+#: Settings for engines with tensor parallelism on the lent multi-GPU hosts: NVLink multicast
+#: must stay off there (it can take the shared host's GPUs out of service), and vLLM's
+#: all-reduce variants that could try it (torch symmetric memory, FlashInfer, NCCL symmetric
+#: memory) are switched off; NCCL and vLLM's custom all-reduce (CUDA IPC) remain.
+TP_SAFE_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+    "VLLM_ALLREDUCE_USE_FLASHINFER": "0",
+    "VLLM_USE_NCCL_SYMM_MEM": "0",
+}
+
+
+def visible_gpu_count() -> int | None:
+    """GPUs this process may use, from nvidia-smi (no CUDA context) and CUDA_VISIBLE_DEVICES;
+    ``None`` if nvidia-smi is unavailable."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    n = len(out)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        n = min(n, len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"]))
+    return n

@@ -16,7 +16,20 @@ requests through CUSTOM and each reference backend, one engine per child process
 prefill (small token budget) and prefix-cache hits (a second round that repeats a shared
 prefix). Tokens may differ only where each side's token is in the other's top-k at that
 position; after the first such divergence the rest of that sequence is not compared. It also
-reports the largest |logprob| difference over matching positions. Exit status 0 = pass.
+reports the largest |logprob| difference over matching positions. Every engine is also asked,
+per worker process (``LLM.collective_rpc``), which attention impl its layers got and with which
+features; CUSTOM fails the check if a worker did not load the plugin or built a layer with the
+wrong sliding window, soft cap, KV-cache dtype or head counts. Exit status 0 = pass.
+
+Variants of ``correctness`` (combinable):
+    --model-kind gemma2       random Gemma-2-like model: sliding window 100 on every other layer,
+                              attention soft cap 50, final soft cap 30, head size 256, GQA 8/4
+    --kv-cache-dtype fp8      fp8 KV cache. vLLM also quantizes TRITON_ATTN's queries to fp8, so
+                              the deciding reference is TRITON_ATTN with that query quantization
+                              dropped (same fp8 cache, bf16 queries, as CUSTOM; eager only); stock
+                              TRITON_ATTN and CUSTOM with a bf16 cache run as information
+    --tensor-parallel-size 2  every engine with TP 2 (eager); a PASS/FAIL line per worker
+    --dry-run                 build the model and prompts and let vLLM parse the config, no GPU
 
 Each subcommand appends one JSON row to ``--out`` and ends its output with a ``SUMMARY:`` line.
 """
@@ -26,10 +39,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (needs the line above; also puts the repo root on sys.path)
 
 THIS = str(Path(__file__).resolve())
+#: Exit status of a check that cannot run here (gpu_session.sh reports it as SKIP).
+SKIP_EXIT = 77
 
 
 # ============================================================================================
@@ -209,22 +226,45 @@ def _s(x: float | None) -> str:
 # (b) correctness
 # ============================================================================================
 
+#: The random models (``--model-kind``): transformers classes, the config folder, and the init
+#: std of q_proj/k_proj (see build_random_model).
+MODEL_KINDS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "classes": ("LlamaConfig", "LlamaForCausalLM"),
+        "config": C.TINY_LLAMA_DIR,
+        "qk_std": 0.08,
+    },
+    # Gemma-2 attention: sliding-window layers (window 100) alternating with full layers,
+    # attention logit soft cap 50, final logit soft cap 30, head size 256, 8/4 heads.
+    "gemma2": {
+        "classes": ("Gemma2Config", "Gemma2ForCausalLM"),
+        "config": C.TINY_GEMMA2_DIR,
+        "qk_std": 0.10,
+    },
+}
 
-def build_random_model(out_dir: Path, config_dir: Path, seed: int, qk_std: float) -> None:
-    """A small Llama with real-scale random weights, saved in bf16 with save_pretrained.
+
+def build_random_model(
+    out_dir: Path, config_dir: Path, seed: int, qk_std: float, kind: str = "llama"
+) -> None:
+    """A small model with real-scale random weights, saved in bf16 with save_pretrained.
 
     transformers' default init draws every linear and embedding from N(0, 0.02) and sets the
-    norms to 1. At that scale the q/k dot products are tiny and attention is nearly uniform
-    (hundreds of effective keys), so an engine that read the wrong pages would still produce
-    almost the same averages. Drawing q_proj/k_proj with ``qk_std`` (default 0.08) makes each
-    query attend to about ten keys, so which keys are read matters to the output.
+    norms to 1 (Gemma's to 0, applied as 1 + w). At that scale the q/k dot products are tiny
+    and attention is nearly uniform (hundreds of effective keys), so an engine that read the
+    wrong pages would still produce almost the same averages. Drawing q_proj/k_proj with
+    ``qk_std`` makes each query attend to a few keys, so which keys are read matters: for the
+    llama kind 0.08 gives about ten effective keys; for gemma2 (head size 256, softmax scale
+    1/16) 0.10 gives about four, with row-maximum scores around 16, where the soft cap of 50
+    already moves them by about 0.5.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    cfg = LlamaConfig.from_pretrained(str(config_dir))
+    config_cls, model_cls = MODEL_KINDS[kind]["classes"]
+    cfg = getattr(transformers, config_cls).from_pretrained(str(config_dir))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = getattr(transformers, model_cls)(cfg)
     if qk_std > 0 and abs(qk_std - cfg.initializer_range) > 1e-12:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -233,6 +273,31 @@ def build_random_model(out_dir: Path, config_dir: Path, seed: int, qk_std: float
                     proj.weight.normal_(0.0, qk_std, generator=gen)
     model = model.to(torch.bfloat16)
     model.save_pretrained(str(out_dir))
+
+
+def expected_attention(model_dir: Path, tp: int) -> dict[str, Any]:
+    """What vLLM should hand each attention layer's impl, read from the saved config.json:
+    per-layer sliding window (None = full attention), logit soft cap, heads per TP rank."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    n = int(cfg["num_hidden_layers"])
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if types:
+        windows = [window if t == "sliding_attention" else None for t in types]
+    else:
+        windows = [window] * n
+    heads, kv_heads = int(cfg["num_attention_heads"]), int(cfg["num_key_value_heads"])
+    return {
+        "model_type": cfg.get("model_type"),
+        "num_layers": n,
+        "windows": windows,
+        "softcap": cfg.get("attn_logit_softcapping") or None,
+        "final_softcap": cfg.get("final_logit_softcapping") or None,
+        "head_size": int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        "num_heads": heads // tp,
+        "num_kv_heads": max(1, kv_heads // tp),
+        "total_heads": (heads, kv_heads),
+    }
 
 
 def correctness_prompts(vocab: int, seed: int, max_tokens: int) -> list[list[dict[str, Any]]]:
@@ -279,20 +344,41 @@ def correctness_prompts(vocab: int, seed: int, max_tokens: int) -> list[list[dic
     return rounds
 
 
+def _worker_impls(reports: list[dict[str, Any]] | None) -> list[str]:
+    """``backend:impl class`` pairs over all workers' attention layers (the probe's format)."""
+    return sorted(
+        {f"{x['backend']}:{x['impl']}" for w in reports or [] for x in w.get("layers", [])}
+    )
+
+
 def correctness_worker(args: argparse.Namespace) -> int:
-    """Child: one engine, both rounds, greedy with top-k logprobs; dump to ``--json-result``."""
+    """Child: one engine, both rounds, greedy with top-k logprobs; dump to ``--json-result``.
+
+    Before generating it asks every worker which attention impl its layers got, with which
+    features (``C.worker_attention_report``), and optionally drops the fp8 query quantization
+    (``--no-query-quant``) or records the query dtypes the impls see; after generating it asks
+    again. The result file is written after start-up too, so a crash later keeps that evidence.
+    """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     rounds = json.loads(Path(args.prompts).read_text())
     out_path = Path(args.json_result)
-    res: dict[str, Any] = {"backend": args.backend, "ok": False, "rounds": []}
+    res: dict[str, Any] = {
+        "backend": args.backend,
+        "label": args.label or args.backend,
+        "ok": False,
+        "rounds": [],
+    }
+    tag = f"[correctness worker {res['label']}]"
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,
         skip_tokenizer_init=True,
         dtype="bfloat16",
         attention_backend=args.backend,
+        kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=64,  # must not exceed the small token budget
@@ -303,7 +389,20 @@ def correctness_worker(args: argparse.Namespace) -> int:
         seed=0,
     )
     res["engine_start_s"] = time.perf_counter() - t0
-    res["impls"] = C.probe_attention_impls(llm)
+    reports, err = C.call_workers(llm, C.worker_attention_report)
+    res["workers_init"], res["workers_error"] = reports, err
+    res["impls"] = _worker_impls(reports) if reports else C.probe_attention_impls(llm)
+    print(f"{tag} {len(reports or [])} worker report(s); error: {err or 'none'}", flush=True)
+    for w in reports or []:
+        print(f"{tag} worker {json.dumps(w)}", flush=True)
+    if not args.query_quant:
+        patched, err = C.call_workers(llm, C.worker_disable_query_quant)
+        res["query_quant_patch"], res["query_quant_patch_error"] = patched, err
+        print(f"{tag} fp8 query quantization off: {patched} (error: {err or 'none'})", flush=True)
+    if args.record_query_dtypes:
+        recorded, err = C.call_workers(llm, C.worker_record_query_dtypes)
+        res["record_query_dtypes"], res["record_query_dtypes_error"] = recorded, err
+    out_path.write_text(json.dumps(res))
     for rnd in rounds:
         prompts = [TokensPrompt(prompt_token_ids=r["ids"]) for r in rnd]
         sps = [
@@ -336,13 +435,12 @@ def correctness_worker(args: argparse.Namespace) -> int:
                 }
             )
         res["rounds"].append(dumped)
+    reports, err = C.call_workers(llm, C.worker_attention_report)
+    res["workers_after"], res["workers_after_error"] = reports, err
     res["ok"] = True
     out_path.write_text(json.dumps(res))
     hits = sum((d["num_cached_tokens"] or 0) for d in res["rounds"][-1])
-    print(
-        f"[correctness worker {args.backend}] done; round-2 prefix-cache hit tokens: {hits}",
-        flush=True,
-    )
+    print(f"{tag} done; round-2 prefix-cache hit tokens: {hits}", flush=True)
     return 0
 
 
@@ -417,47 +515,361 @@ def compare_dumps(a: dict[str, Any], b: dict[str, Any], k: int) -> dict[str, Any
     return stats
 
 
-def run_correctness(args: argparse.Namespace) -> int:
+def pair_problems(name: str, st: dict[str, Any], max_lp_diff: float) -> list[str]:
+    """The divergence rule: no bad divergences, no length mismatches, bounded |dlogprob|."""
+    problems = []
+    if st["bad_divergences"]:
+        problems.append(
+            f"{name}: {st['bad_divergences']} bad divergences: " + "; ".join(st["bad"][:3])
+        )
+    if st["length_mismatches"]:
+        problems.append(f"{name}: {st['length_mismatches']} length mismatches")
+    if st["max_lp_diff"] > max_lp_diff:
+        problems.append(f"{name}: max |logprob diff| {st['max_lp_diff']:.3f} > {max_lp_diff}")
+    return problems
+
+
+# -- which engines run, and which pairs decide ------------------------------------------------
+
+
+@dataclass
+class RunSpec:
+    """One engine of a correctness check.
+
+    role: ``custom`` (the run under test), ``reference`` (compared with the divergence rule;
+    decides PASS/FAIL), ``info`` (compared and printed; never decides).
+    """
+
+    label: str
+    backend: str
+    kv_cache_dtype: str = "auto"
+    query_quant: bool = True  # False: fp8 query quantization dropped (C.worker_disable_query_quant)
+    role: str = "reference"
+
+
+@dataclass
+class PairSpec:
+    a: str
+    b: str
+    gating: bool
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.a}_vs_{self.b}"
+
+
+def plan_runs(args: argparse.Namespace) -> tuple[list[RunSpec], list[PairSpec]]:
+    """Engines to run, in order (deciding ones first), and the pairs to compare.
+
+    auto KV cache: CUSTOM and each reference of ``--backends``; CUSTOM vs each reference
+    decides; the first two references against each other are the noise floor.
+
+    fp8 KV cache: with an fp8 cache, vLLM also quantizes the queries to fp8 for TRITON_ATTN
+    (``Attention.query_quant``; its kernel then computes QK^T and PV in fp8), while CUSTOM
+    takes bf16 queries. So the deciding reference is TRITON_ATTN over the same fp8 cache with
+    the query quantization dropped (``TRITON_ATTN_bf16q``, eager only); stock references
+    (fp8 queries) and CUSTOM with a bf16 cache (``CUSTOM_kv_auto``: what fp8 costs) are
+    information.
+    """
+    backends = [b.strip().upper() for b in args.backends.split(",") if b.strip()]
+    refs = [b for b in dict.fromkeys(backends) if b != "CUSTOM"]
+    kv = args.kv_cache_dtype
+    if kv == "auto":
+        runs = [RunSpec("CUSTOM", "CUSTOM", role="custom")]
+        runs += [RunSpec(r, r) for r in refs]
+        pairs = [PairSpec("CUSTOM", r, True) for r in refs]
+        if len(refs) >= 2:
+            pairs.append(PairSpec(refs[0], refs[1], False, "noise floor"))
+        return runs, pairs
+    if "TRITON_ATTN" not in refs:
+        raise SystemExit(
+            f"--kv-cache-dtype {kv} needs TRITON_ATTN in --backends: the deciding reference is "
+            "TRITON_ATTN with bf16 queries over the same fp8 cache"
+        )
+    runs = [
+        RunSpec("CUSTOM", "CUSTOM", kv, role="custom"),
+        RunSpec("TRITON_ATTN_bf16q", "TRITON_ATTN", kv, query_quant=False),
+    ]
+    pairs = [PairSpec("CUSTOM", "TRITON_ATTN_bf16q", True, "fp8 KV, bf16 queries on both")]
+    if args.info_runs:
+        runs.append(RunSpec("CUSTOM_kv_auto", "CUSTOM", "auto", role="info"))
+        pairs.append(PairSpec("CUSTOM", "CUSTOM_kv_auto", False, "fp8 vs bf16 KV cache"))
+        for r in refs:
+            runs.append(RunSpec(r, r, kv, role="info"))
+            pairs.append(PairSpec("CUSTOM", r, False, f"{r} quantizes queries to fp8"))
+        pairs.append(
+            PairSpec("TRITON_ATTN_bf16q", "TRITON_ATTN", False, "fp8 queries in TRITON_ATTN")
+        )
+    return runs, pairs
+
+
+def _norm_kv(dtype: Any) -> Any:
+    """KV-cache dtype names that mean the same cache for a bf16 model."""
+    return {"fp8_e4m3": "fp8", "bfloat16": "auto"}.get(dtype, dtype)
+
+
+def _layer_index(name: str) -> int | None:
+    m = re.search(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def check_workers(
+    spec: RunSpec, info: dict[str, Any], expect: dict[str, Any], tp: int
+) -> tuple[list[str], list[str]]:
+    """One PASS/FAIL line per worker of a run, and the problems that fail the check.
+
+    Every run: one report per TP rank, every attention layer on the run's backend. CUSTOM
+    runs also: the plugin registered in that worker process, our impl class, and each layer's
+    impl built with the model's sliding window / soft cap, the run's KV-cache dtype and the
+    heads per rank. Runs without fp8 query quantization: the impls saw bf16 queries only.
+    Problems count as failures for CUSTOM runs and for runs with the quantization dropped (a
+    reference that did not get it is not the reference we meant); otherwise they are WARN. A
+    run that did not complete is only described (its failure is reported already); a missing
+    report fails only with tensor parallelism, where it is the evidence asked for (with one
+    GPU the log line and the apply_model probe still say which backend ran).
+    """
+    complete = bool(info.get("ok"))
+    decisive = complete and (spec.role == "custom" or not spec.query_quant)
+    bad_word = "FAIL" if decisive else "WARN"
+    after = info.get("workers_after")
+    reports = after or info.get("workers_init")
+    lines: list[str] = []
+    failures: list[str] = []
+    if not reports:
+        err = info.get("workers_after_error") or info.get("workers_error") or "no reports"
+        msg = f"{spec.label}: no per-worker report ({err})"
+        if decisive and tp > 1:
+            failures.append(msg)
+        lines.append(f"{bad_word if tp > 1 else 'WARN'}: {msg}")
+        return lines, failures
+    if len(reports) != tp:
+        msg = f"{spec.label}: {len(reports)} worker reports for tensor parallel size {tp}"
+        lines.append(f"{bad_word}: {msg}")
+        if decisive:
+            failures.append(msg)
+    patch = info.get("query_quant_patch") or []
+    our_impl = "vllm_portable_attn.impl.PortableAttentionImpl"
+    for k, w in enumerate(reports):
+        layers = sorted(w.get("layers") or [], key=lambda x: _layer_index(x["name"]) or 0)
+        problems = []
+        if w.get("layers_error"):
+            problems.append(f"layer scan failed: {w['layers_error']}")
+        if len(layers) != expect["num_layers"]:
+            problems.append(f"{len(layers)} attention layers, expected {expect['num_layers']}")
+        others = sorted({x["backend"] for x in layers} - {spec.backend})
+        if others:
+            problems.append(f"layers on {others}, not {spec.backend}")
+        plugin = w.get("plugin") or {}
+        if spec.backend == "CUSTOM":
+            if not plugin.get("registered"):
+                problems.append(f"plugin not registered in this process ({plugin})")
+            if plugin.get("custom_path") != plugin.get("expected_path"):
+                problems.append(f"CUSTOM resolves to {plugin.get('custom_path')!r}")
+            wrong_impl = sorted({x["impl"] for x in layers} - {our_impl})
+            if wrong_impl:
+                problems.append(f"impl classes {wrong_impl}")
+            want_heads = (expect["num_heads"], expect["num_kv_heads"], expect["head_size"])
+            for x in layers:
+                i = _layer_index(x["name"])
+                in_range = i is not None and i < len(expect["windows"])
+                want = (
+                    expect["windows"][i] if in_range else "?",
+                    expect["softcap"],
+                    _norm_kv(spec.kv_cache_dtype),
+                )
+                got = (
+                    x["sliding_window"],
+                    x["logits_soft_cap"] or None,
+                    _norm_kv(x["kv_cache_dtype"]),
+                )
+                if got != want:
+                    problems.append(
+                        f"{x['name']}: (window, soft cap, kv dtype) {got}, expected {want}"
+                    )
+                heads = (x["num_heads"], x["num_kv_heads"], x["head_size"])
+                if heads != want_heads:
+                    problems.append(
+                        f"{x['name']}: heads, kv heads, head size {heads}, expected {want_heads}"
+                    )
+        seen = sorted({d for x in layers for d in (x.get("query_dtypes_seen") or [])})
+        if not spec.query_quant:
+            still = sum(1 for x in layers if x["query_quant"])
+            if still:
+                problems.append(f"fp8 query quantization still on in {still} layers")
+            if k < len(patch) and isinstance(patch[k], dict) and not patch[k].get("disabled"):
+                problems.append(f"dropping the query quantization changed nothing: {patch[k]}")
+            if after and seen != ["bfloat16"]:
+                problems.append(f"queries seen by the impls: {seen or 'none recorded'}")
+        status = bad_word if problems else ("PASS" if complete else "INCOMPLETE")
+        first = layers[0] if layers else {}
+        lines.append(
+            f"{status}: {spec.label} worker rank {w.get('rank')} (pid {w.get('pid')}, "
+            f"{w.get('device')}): {len(layers)} attention layers on "
+            f"{sorted({x['backend'] for x in layers})} "
+            f"{sorted({x['impl'].rsplit('.', 1)[-1] for x in layers})}; plugin registered "
+            f"{plugin.get('registered')}; windows {[x['sliding_window'] for x in layers]}; "
+            f"soft cap {sorted({str(x['logits_soft_cap']) for x in layers})}; kv "
+            f"{sorted({str(x['kv_cache_dtype']) for x in layers})}; heads "
+            f"{first.get('num_heads')}/{first.get('num_kv_heads')} x {first.get('head_size')}"
+            + (f"; query dtypes {seen}" if seen else "")
+            + ("" if complete else " (run did not complete)")
+            + "".join(f"\n      - {p}" for p in problems)
+        )
+        if problems and decisive:
+            failures += [f"{spec.label} worker rank {w.get('rank')}: {p}" for p in problems]
+    return lines, failures
+
+
+def run_tags(args: argparse.Namespace) -> list[str]:
+    """What distinguishes this check from the default one, for the SUMMARY line."""
+    tags = []
+    if args.model_kind != "llama":
+        tags.append(args.model_kind)
+    if args.kv_cache_dtype != "auto":
+        tags.append(f"kv {args.kv_cache_dtype}")
+    if args.tensor_parallel_size > 1:
+        tags.append(f"tp {args.tensor_parallel_size}")
+    if args.route:
+        tags.append(f"route {args.route}")
+    return tags
+
+
+def _summary_prefix(args: argparse.Namespace, status: str) -> str:
+    tags = run_tags(args)
+    if tags == [f"route {args.route}"]:  # the existing format for route-only runs
+        return f"SUMMARY: e2e_correctness {status} (route {args.route}): "
+    return f"SUMMARY: e2e_correctness {status}" + (f" ({', '.join(tags)})" if tags else "") + ": "
+
+
+def prepare_correctness(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
+    """Build and save the random model and the prompts; return (model dir, prompts file,
+    expected attention features)."""
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="e2e_correctness_"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "model"
-    t0 = time.monotonic()
-    backends = [b.strip().upper() for b in args.backends.split(",") if b.strip()]
-    if "CUSTOM" not in backends:
-        backends.insert(0, "CUSTOM")
     print(
-        f"=== correctness: building random tiny Llama in {model_dir} (qk_std {args.qk_std})",
+        f"=== correctness: building random {args.model_kind} from {args.config} in {model_dir} "
+        f"(seed {args.seed}, qk_std {args.qk_std})",
         flush=True,
     )
-    build_random_model(model_dir, Path(args.config), args.seed, args.qk_std)
+    t0 = time.monotonic()
+    build_random_model(model_dir, Path(args.config), args.seed, args.qk_std, args.model_kind)
+    expect = expected_attention(model_dir, args.tensor_parallel_size)
+    print(
+        f"model built in {time.monotonic() - t0:.1f}s: {expect['model_type']}, "
+        f"{expect['num_layers']} layers, heads {expect['total_heads'][0]}/"
+        f"{expect['total_heads'][1]} (per rank {expect['num_heads']}/{expect['num_kv_heads']}), "
+        f"head size {expect['head_size']}, windows {expect['windows']}, attention soft cap "
+        f"{expect['softcap']}, final soft cap {expect['final_softcap']}",
+        flush=True,
+    )
     vocab = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
     rounds = correctness_prompts(vocab, args.seed, args.max_tokens)
     prompts_file = work / "prompts.json"
     prompts_file.write_text(json.dumps(rounds))
-    n_req = sum(len(r) for r in rounds)
+    lens = sorted({len(r["ids"]) for rnd in rounds for r in rnd})
+    print(f"{sum(len(r) for r in rounds)} requests in {len(rounds)} rounds, prompt lengths {lens}")
+    windows = [w for w in expect["windows"] if w]
+    if windows and max(lens) <= min(windows):
+        print(f"WARNING: no prompt is longer than the sliding window {min(windows)}")
+    return model_dir, prompts_file, expect
+
+
+def check_vllm_config(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """--dry-run: let vLLM parse the saved model (no GPU needed) and report what it sees."""
+    from vllm.config import ModelConfig
+
+    mc = ModelConfig(
+        model=str(model_dir),
+        dtype="bfloat16",
+        max_model_len=args.max_model_len,
+        skip_tokenizer_init=True,
+    )
+    hf = mc.hf_text_config
+    return {
+        "architectures": mc.architectures,
+        "dtype": str(mc.dtype),
+        "max_model_len": mc.max_model_len,
+        "sliding_window": mc.get_sliding_window(),
+        "layer_types": getattr(hf, "layer_types", None),
+        "attn_logit_softcapping": getattr(hf, "attn_logit_softcapping", None),
+        "final_logit_softcapping": getattr(hf, "final_logit_softcapping", None),
+        "head_size": mc.get_head_size(),
+        "num_kv_heads_total": mc.get_total_num_kv_heads(),
+    }
+
+
+def run_correctness(args: argparse.Namespace) -> int:
+    kind = MODEL_KINDS[args.model_kind]
+    args.config = args.config or str(kind["config"])
+    args.qk_std = kind["qk_std"] if args.qk_std is None else args.qk_std
+    tp = args.tensor_parallel_size
+    runs, pairs = plan_runs(args)
+    if tp > 1 and not args.enforce_eager:
+        # Also a safety measure on the lent multi-GPU hosts: compiled graphs with TP may enable
+        # vLLM's FlashInfer all-reduce fusion, which tries NVLink multicast.
+        print("note: tensor parallelism runs eager here (--enforce-eager implied)", flush=True)
+        args.enforce_eager = True
+    if not args.enforce_eager and any(not r.query_quant for r in runs):
+        print(
+            "note: dropping the fp8 query quantization needs eager mode (--enforce-eager implied)"
+        )
+        args.enforce_eager = True
     print(
-        f"{n_req} requests in {len(rounds)} rounds, prompt lengths "
-        f"{sorted({len(r['ids']) for rnd in rounds for r in rnd})}",
+        "=== plan: "
+        + ", ".join(
+            f"{r.label} ({r.backend}, kv {r.kv_cache_dtype}"
+            + ("" if r.query_quant else ", bf16 queries")
+            + f", {r.role})"
+            for r in runs
+        )
+        + f"; tensor parallel {tp}; {'eager' if args.enforce_eager else 'compile + CUDA graphs'}",
         flush=True,
     )
+    if tp > 1:
+        n_gpus = C.visible_gpu_count()
+        if n_gpus is not None and n_gpus < tp:
+            print(
+                _summary_prefix(args, "SKIP")
+                + f"tensor parallel size {tp} needs {tp} GPUs, {n_gpus} visible"
+            )
+            return SKIP_EXIT
+    t0 = time.monotonic()
+    model_dir, prompts_file, expect = prepare_correctness(args)
+    heads, kv_heads = expect["total_heads"]
+    if heads % tp or (kv_heads % tp and tp % kv_heads):
+        raise SystemExit(f"heads {heads}/{kv_heads} cannot be split over {tp} ranks")
+    if args.dry_run:
+        try:
+            print(f"vLLM ModelConfig: {json.dumps(check_vllm_config(model_dir, args))}")
+        except Exception as e:  # noqa: BLE001 - report, as the GPU run would
+            print(f"vLLM ModelConfig FAILED: {type(e).__name__}: {e}")
+            return 1
+        print("dry run: no engines started")
+        return 0
+    work = model_dir.parent
 
     dumps: dict[str, dict[str, Any]] = {}
-    runs: dict[str, dict[str, Any]] = {}
-    for k, be in enumerate(backends):
+    infos: dict[str, dict[str, Any]] = {}
+    for k, spec in enumerate(runs):
         left = args.total_timeout - (time.monotonic() - t0) if args.total_timeout else 1e9
-        # Leave each later backend a minute, so one slow engine cannot starve the rest.
-        share = min(left, max(left - (len(backends) - k - 1) * 60, 60))
+        # Leave each later deciding run a minute, so one slow engine cannot starve the rest.
+        later = sum(1 for r in runs[k + 1 :] if r.role != "info")
+        share = min(left, max(left - later * 60, 60))
         if left < 45:
-            runs[be] = {"ok": False, "error": "skipped: out of time"}
-            print(f"=== {be}: skipped, {left:.0f}s left", flush=True)
+            infos[spec.label] = {"ok": False, "error": "skipped: out of time", "skipped": True}
+            print(f"=== {spec.label}: skipped, {left:.0f}s left", flush=True)
             continue
-        res_file = work / f"{be}.json"
+        res_file = work / f"{spec.label}.json"
         cmd = [
             sys.executable,
             THIS,
             "_correctness_worker",
             "--backend",
-            be,
+            spec.backend,
+            "--label",
+            spec.label,
             "--model",
             str(model_dir),
             "--prompts",
@@ -472,17 +884,32 @@ def run_correctness(args: argparse.Namespace) -> int:
             str(args.max_num_batched_tokens),
             "--gpu-mem",
             str(args.gpu_mem),
+            "--kv-cache-dtype",
+            spec.kv_cache_dtype,
+            "--tensor-parallel-size",
+            str(tp),
         ]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
-        print(f"=== {be}", flush=True)
+        if not spec.query_quant:
+            cmd.append("--no-query-quant")
+        if args.kv_cache_dtype != "auto":
+            cmd.append("--record-query-dtypes")
+        env = C.child_env(spec.backend, args.route)
+        if tp > 1:
+            env.update(C.TP_SAFE_ENV)
+        print(f"=== {spec.label}", flush=True)
         child = C.run_child(
             cmd,
-            env_update=C.child_env(be, args.route),
+            env_update=env,
             timeout_s=min(args.timeout_per_backend, share),
-            prefix=f"[{be}] ",
+            prefix=f"[{spec.label}] ",
         )
         info: dict[str, Any] = {
+            "backend": spec.backend,
+            "kv_cache_dtype": spec.kv_cache_dtype,
+            "query_quant": spec.query_quant,
+            "role": spec.role,
             "rc": child.rc,
             "timed_out": child.timed_out,
             "backends_logged": child.backends_logged,
@@ -492,10 +919,23 @@ def run_correctness(args: argparse.Namespace) -> int:
             d = json.loads(res_file.read_text())
         except (OSError, json.JSONDecodeError):
             d = {"ok": False}
-        info["impls"] = d.get("impls")
-        info["engine_start_s"] = d.get("engine_start_s")
+        for key in (
+            "impls",
+            "engine_start_s",
+            "workers_init",
+            "workers_error",
+            "workers_after",
+            "workers_after_error",
+            "query_quant_patch",
+            "query_quant_patch_error",
+            "record_query_dtypes",
+            "record_query_dtypes_error",
+        ):
+            info[key] = d.get(key)
+        if info["workers_after"]:
+            info["workers_init"] = None  # the same layers again (the row keeps one copy)
         if d.get("ok") and child.rc == 0:
-            dumps[be] = d
+            dumps[spec.label] = d
             info["ok"] = True
             info["prefix_cache_hit_tokens"] = sum(
                 (x["num_cached_tokens"] or 0) for rnd in d["rounds"] for x in rnd
@@ -508,50 +948,56 @@ def run_correctness(args: argparse.Namespace) -> int:
                 + " | ".join(child.tail[-4:])
             )
         info["evidence_problems"] = backend_evidence_problems(
-            be, child.backends_logged, info["impls"] or []
+            spec.backend, child.backends_logged, info["impls"] or []
         )
-        runs[be] = info
+        infos[spec.label] = info
 
     failures: list[str] = []
-    comparisons: dict[str, Any] = {}
-    if "CUSTOM" not in dumps:
-        failures.append(f"CUSTOM did not complete: {runs.get('CUSTOM', {}).get('error')}")
+    worker_lines: list[str] = []
+    custom = runs[0]
+    if custom.label not in dumps:
+        failures.append(f"CUSTOM did not complete: {infos.get(custom.label, {}).get('error')}")
     else:
-        failures += ["CUSTOM run: " + p for p in runs["CUSTOM"]["evidence_problems"]]
-    refs = [b for b in backends if b != "CUSTOM" and b in dumps]
-    if "CUSTOM" in dumps:
-        for sa in dumps["CUSTOM"]["rounds"]:
+        failures += ["CUSTOM run: " + p for p in infos[custom.label]["evidence_problems"]]
+        for sa in dumps[custom.label]["rounds"]:
             for i, s in enumerate(sa):
                 if len(s["tokens"]) == 0:
                     failures.append(f"CUSTOM request {i} produced no tokens")
-        if not refs:
-            failures.append("no reference backend completed; nothing to compare against")
-        for ref in refs:
-            st = compare_dumps(dumps["CUSTOM"], dumps[ref], args.topk)
-            comparisons[f"CUSTOM_vs_{ref}"] = st
-            if st["bad_divergences"]:
-                failures.append(
-                    f"vs {ref}: {st['bad_divergences']} bad divergences: "
-                    + "; ".join(st["bad"][:3])
-                )
-            if st["length_mismatches"]:
-                failures.append(f"vs {ref}: {st['length_mismatches']} length mismatches")
-            if st["max_lp_diff"] > args.max_lp_diff:
-                failures.append(
-                    f"vs {ref}: max |logprob diff| {st['max_lp_diff']:.3f} > {args.max_lp_diff}"
-                )
-    # The two references against each other: the noise floor the CUSTOM numbers sit on.
-    if len(refs) >= 2:
-        comparisons[f"{refs[0]}_vs_{refs[1]}"] = compare_dumps(
-            dumps[refs[0]], dumps[refs[1]], args.topk
-        )
+    for spec in runs:
+        info = infos.get(spec.label)
+        if info is None or info.get("skipped"):
+            continue
+        lines, problems = check_workers(spec, info, expect, tp)
+        worker_lines += lines
+        failures += problems
+    deciding_refs = [r.label for r in runs if r.role == "reference"]
+    if args.kv_cache_dtype != "auto":
+        # The one deciding reference must have run: without it nothing was checked.
+        for label in deciding_refs:
+            if label not in dumps:
+                failures.append(f"{label} did not complete: {infos.get(label, {}).get('error')}")
+    elif custom.label in dumps and not any(label in dumps for label in deciding_refs):
+        failures.append("no reference backend completed; nothing to compare against")
+
+    comparisons: dict[str, Any] = {}
+    verdicts: dict[str, list[str]] = {}
+    for pair in pairs:
+        if pair.a not in dumps or pair.b not in dumps:
+            continue
+        st = compare_dumps(dumps[pair.a], dumps[pair.b], args.topk)
+        st["gating"], st["note"] = pair.gating, pair.note
+        comparisons[pair.name] = st
+        shown = f"vs {pair.b}" if pair.a == custom.label else pair.name
+        verdicts[pair.name] = pair_problems(shown, st, args.max_lp_diff)
+        if pair.gating:
+            failures += verdicts[pair.name]
 
     print()
     rows = []
     for name, st in comparisons.items():
         rows.append(
             (
-                name,
+                name + ("" if st["gating"] else " (info)"),
                 st["sequences"],
                 st["identical"],
                 st["allowed_divergences"],
@@ -579,26 +1025,40 @@ def run_correctness(args: argparse.Namespace) -> int:
                 rows,
             )
         )
-    for be, info in runs.items():
+    for name, st in comparisons.items():
+        if not st["gating"]:
+            rule = "within" if not verdicts[name] else "OUTSIDE"
+            print(
+                f"info: {name} ({st['note']}): {rule} the divergence rule"
+                + (f": {'; '.join(verdicts[name])}" if verdicts[name] else "")
+            )
+    for label, info in infos.items():
         print(
-            f"{be}: {'ok' if info.get('ok') else 'FAILED'}; logged {info.get('backends_logged')}"
+            f"{label}: {'ok' if info.get('ok') else 'FAILED'}; logged {info.get('backends_logged')}"
             f"; impls {info.get('impls')}; prefix-cache hit tokens "
             f"{info.get('prefix_cache_hit_tokens')}"
             + (f"; {info['error']}" if info.get("error") else "")
         )
+    for line in worker_lines:
+        print(line)
     for f in failures:
         print(f"FAIL: {f}")
     row = {
         "kind": "e2e_correctness",
         "route": args.route,
+        "model_kind": args.model_kind,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "tensor_parallel_size": tp,
         "qk_std": args.qk_std,
         "topk": args.topk,
         "max_tokens": args.max_tokens,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enforce_eager": args.enforce_eager,
+        "expected_attention": expect,
         "ok": not failures,
         "failures": failures,
-        "runs": runs,
+        "runs": infos,
+        "worker_checks": worker_lines,
         "comparisons": {
             k: {kk: vv for kk, vv in v.items() if kk != "bad"} | {"bad": v["bad"][:5]}
             for k, v in comparisons.items()
@@ -606,21 +1066,32 @@ def run_correctness(args: argparse.Namespace) -> int:
     }
     C.append_jsonl(args.out, [C.stamp(row, init_cuda=False)])
     key = []
-    for ref in refs:
-        st = comparisons.get(f"CUSTOM_vs_{ref}")
-        if st:
+    for pair in pairs:
+        st = comparisons.get(pair.name)
+        if st is None or pair.a != custom.label:
+            continue
+        if pair.gating:
             key.append(
-                f"vs {ref}: {st['identical']}/{st['sequences']} identical, "
+                f"vs {pair.b}: {st['identical']}/{st['sequences']} identical, "
                 f"{st['allowed_divergences']} allowed div, {st['bad_divergences']} bad, "
                 f"max|dlp| {st['max_lp_diff']:.3f}"
             )
+        else:
+            key.append(
+                f"info vs {pair.b}: {st['bad_divergences']} bad, max|dlp| {st['max_lp_diff']:.3f}"
+            )
+    if tp > 1:
+        for spec in runs:
+            passed = sum(1 for x in worker_lines if x.startswith(f"PASS: {spec.label} worker"))
+            if spec.label in infos and not infos[spec.label].get("skipped"):
+                key.append(f"{spec.label} workers {passed}/{tp} PASS")
     status = "PASS" if not failures else "FAIL"
-    print(
-        f"SUMMARY: e2e_correctness {status}"
-        + (f" (route {args.route})" if args.route else "")
-        + ": "
-        + ("; ".join(key) if key else "; ".join(failures)[:200])
-    )
+    body = "; ".join(key)
+    if failures:
+        # The first failure leads (the table row is cut at 300 characters); FAIL lines above.
+        first = f"{len(failures)} failure(s), first: {failures[0][:160]}"
+        body = first + ("; " + body if body else "")
+    print(_summary_prefix(args, status) + body)
     return 0 if not failures else 1
 
 
@@ -674,15 +1145,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="PORTABLE_ATTN_ROUTE for the CUSTOM run",
     )
     cp.add_argument(
+        "--model-kind",
+        choices=sorted(MODEL_KINDS),
+        default="llama",
+        help="random model: llama (tiny-llama: 4 layers, 8/2 heads, d64) or gemma2 "
+        "(tiny-gemma2: sliding window 100 on every other layer, soft caps 50/30, 8/4 heads, "
+        "d256)",
+    )
+    cp.add_argument(
         "--config",
-        default=str(C.TINY_LLAMA_DIR),
-        help="folder with the config.json of the random model",
+        default=None,
+        help="folder with the config.json of the random model (default: the model kind's)",
     )
     cp.add_argument(
         "--qk-std",
         type=float,
-        default=0.08,
-        help="init std of q_proj/k_proj (0.02 = transformers' default everywhere)",
+        default=None,
+        help="init std of q_proj/k_proj (default per model kind: llama 0.08, gemma2 0.10; "
+        "0.02 = transformers' default everywhere)",
+    )
+    cp.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8", "fp8_e4m3"],
+        default="auto",
+        help="KV-cache dtype of the compared engines. fp8: CUSTOM vs TRITON_ATTN with the fp8 "
+        "query quantization dropped (same math; eager), plus information runs (see "
+        "--no-info-runs)",
+    )
+    cp.add_argument(
+        "--no-info-runs",
+        dest="info_runs",
+        action="store_false",
+        help="fp8: skip the information engines (stock TRITON_ATTN with fp8 queries, CUSTOM "
+        "with a bf16 cache)",
+    )
+    cp.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="TP size of every engine (> 1 implies --enforce-eager; exit 77 = SKIP when "
+        "fewer GPUs are visible); prints a PASS/FAIL line per worker",
+    )
+    cp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model and prompts, check vLLM's ModelConfig accepts the model, print "
+        "the plan; start no engine (works without a GPU)",
     )
     cp.add_argument("--topk", type=int, default=5)
     cp.add_argument("--max-tokens", type=int, default=32)
@@ -728,6 +1237,16 @@ def build_parser() -> argparse.ArgumentParser:
     cw.add_argument("--max-num-batched-tokens", type=int, default=512)
     cw.add_argument("--gpu-mem", type=float, default=0.4)
     cw.add_argument("--enforce-eager", action="store_true")
+    cw.add_argument("--label", default=None, help="run name in the output (default: backend)")
+    cw.add_argument("--kv-cache-dtype", default="auto")
+    cw.add_argument("--tensor-parallel-size", type=int, default=1)
+    cw.add_argument(
+        "--no-query-quant",
+        dest="query_quant",
+        action="store_false",
+        help="drop the fp8 query quantization before generating (eager only)",
+    )
+    cw.add_argument("--record-query-dtypes", action="store_true")
     return ap
 
 

@@ -117,7 +117,8 @@ def test_cache_write_matches_scatter() -> None:
 
 def test_choose_num_segments() -> None:
     assert choose_num_segments(1, 1, 1, 8, 132) == 32
-    assert choose_num_segments(4, 4, 1, 8, 132) == 16
+    assert choose_num_segments(4, 4, 1, 8, 132) == 32
+    assert choose_num_segments(8, 8, 1, 8, 132) == 16
     assert choose_num_segments(64, 64, 1, 8, 132) == 1  # enough programs already
     assert choose_num_segments(MAX_SPLIT_TOKENS + 1, 2, 1, 8, 132) == 1  # past the workspace
     assert choose_num_segments(8, 2, 100, 8, 132) == 1  # prefill-shaped batch

@@ -39,6 +39,13 @@ FP8_DTYPES = tuple(
 
 
 @triton.jit
+def _tile_pages(block_table_row_ptr, tile, seq_len, TILE_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """The page id of each key of one key tile (0 past the sequence end)."""
+    offs_n = tile * TILE_N + tl.arange(0, TILE_N)
+    return tl.load(block_table_row_ptr + offs_n // PAGE_SIZE, mask=offs_n < seq_len, other=0)
+
+
+@triton.jit
 def _attend_tiles(
     acc,  # [BLOCK_M, HEAD_PAD] fp32
     m_i,  # [BLOCK_M] fp32
@@ -74,13 +81,18 @@ def _attend_tiles(
     DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_SIZE
+    if PAGED:
+        # The tile may span several pages or part of one: each key's page comes from the block
+        # table. The lookup runs one tile ahead, so the K/V loads' addresses depend only on a
+        # loop-carried value: the software pipeliner then treats them as direct loads and keeps
+        # as many tiles in flight as in the dense case.
+        next_page = _tile_pages(block_table_row_ptr, tile_start, seq_len, TILE_N, PAGE_SIZE)
     for tile in range(tile_start, tile_end):
         offs_n = tile * TILE_N + tl.arange(0, TILE_N)
         n_mask = offs_n < seq_len
         if PAGED:
-            # The tile may span several pages or part of one: look up each key's page.
-            row = tl.load(block_table_row_ptr + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-            row = row.to(tl.int64)  # page * stride overflows int32 on large caches
+            row = next_page.to(tl.int64)  # page * stride overflows int32 on large caches
+            next_page = _tile_pages(block_table_row_ptr, tile + 1, seq_len, TILE_N, PAGE_SIZE)
             slot = offs_n % PAGE_SIZE
         else:
             row = first_key_row + offs_n.to(tl.int64)

@@ -22,8 +22,9 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_portable_attn import envs
+from vllm_portable_attn import _compat, envs
 from vllm_portable_attn import impl as impl_module
+from vllm_portable_attn import plan as plan_module
 from vllm_portable_attn.backend import PortableAttentionBackend
 from vllm_portable_attn.impl import PortableAttentionImpl
 from vllm_portable_attn.plan import PortableAttentionMetadata, PortableAttentionMetadataBuilder
@@ -682,6 +683,102 @@ def test_grouped_build_without_host_lengths_launches_every_group(
     for upper_bound in (None, cm.seq_lens_cpu_upper_bound[:2]):  # absent, or not padded
         md = setup.builder.build(0, dataclasses.replace(cm, seq_lens_cpu_upper_bound=upper_bound))
         assert md.active_groups is None
+
+
+def test_grouped_build_under_adaptive_verification_launches_every_group(
+    route_env: pytest.MonkeyPatch, device: str
+) -> None:
+    """vLLM 0.33's adaptive verification trims verify queries on the device only: the host's
+    query_start_loc_cpu then spreads the same tokens evenly and misnames the groups. Here the
+    host sees two 5-token verifies (decodes), the device a decode and a 9-token extend; with
+    host flags the extend group would be skipped and its rows left unwritten."""
+    route_env.setenv(envs.ROUTE_ENV, "grouped")
+    route_env.setattr(plan_module, "adaptive_verification_enabled", lambda cfg: True)
+    shape = dict(num_heads=8, num_kv_heads=2, head_size=64, dtype=torch.float16, device=device)
+    setup = make_setup(block_size=16, **shape)
+    assert not setup.builder.host_lengths_exact
+    batch = make_batch([(1, 30), (9, 40)], page_size=16, num_padded_requests=1, seed=3, **shape)
+    host_q_lens = [5, 5, 0]  # what the host believes: the same 10 tokens, evenly spread
+    cm = dataclasses.replace(
+        common_metadata(batch, padded=True),
+        query_start_loc_cpu=torch.tensor([0, 5, 10, 10], dtype=torch.int32),
+    )
+    assert plan_module._host_active_groups(cm) == (True, False, False)  # misses the extend
+    assert cm.query_start_loc_cpu.diff().tolist() == host_q_lens
+    oracle = oracle_copy(batch)
+
+    md = setup.builder.build(0, cm)
+    assert md.active_groups is None
+    output = run_step(setup, batch, md)
+    assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+
+
+def test_adaptive_verification_is_read_from_the_speculative_config() -> None:
+    from types import SimpleNamespace
+
+    assert not _compat.adaptive_verification_enabled(make_vllm_config(16))  # no spec decode
+    for enabled in (False, True):
+        cfg = SimpleNamespace(
+            speculative_config=SimpleNamespace(enable_adaptive_verification=enabled)
+        )
+        assert _compat.adaptive_verification_enabled(cfg) is enabled
+    # vLLM 0.26's SpeculativeConfig has no such field.
+    assert not _compat.adaptive_verification_enabled(
+        SimpleNamespace(speculative_config=SimpleNamespace())
+    )
+
+
+@pytest.mark.skipif(
+    _compat.KVCacheLayout is None,
+    reason="this vLLM allocates the KV cache through the backend's stride order "
+    "(tests/test_registration.py checks it)",
+)
+@pytest.mark.parametrize(
+    "layout_name", [] if _compat.KVCacheLayout is None else [m.name for m in _compat.KVCacheLayout]
+)
+def test_every_vllm_kv_cache_layout(layout_name: str, route: str, device: str) -> None:
+    """vLLM 0.33 picks one model-wide KVCacheLayout from every backend's
+    supported_kv_cache_layouts(); ours declares none (any layout), so the impl must handle
+    each. The cache here is allocated by vLLM's own code for two layers sharing one buffer
+    (block-outermost layouts interleave them); ours is the second, the first is NaN-filled."""
+    from vllm.v1.kv_cache_interface import (
+        KVCacheTensor,
+        compute_layout_strides,
+        create_kv_cache_views,
+    )
+
+    assert PortableAttentionBackend.supported_kv_cache_layouts() is None
+    layout = _compat.KVCacheLayout[layout_name]
+    shape = dict(num_heads=8, num_kv_heads=2, head_size=64, dtype=torch.float16, device=device)
+    setup = make_setup(block_size=16, **shape)
+    batch = make_batch([(1, 16), (5, 1), (17, 0), (20, 40)], page_size=16,
+                       num_padded_requests=1, num_padding_tokens=2, seed=9, **shape)  # fmt: skip
+    num_blocks = batch.kv_cache.shape[0]
+    layers = ["model.layers.1.self_attn.attn", LAYER]
+    layer_stride, block_stride, *_ = compute_layout_strides(
+        setup.spec, num_blocks, len(layers), layout
+    )
+    size = len(layers) * num_blocks * setup.spec.page_size_bytes
+    raw = torch.zeros(size, dtype=torch.int8, device=device)
+    placement = KVCacheTensor(
+        size=size, layers=layers, layer_stride=layer_stride, block_stride=block_stride
+    )
+    other, kv_cache = create_kv_cache_views(raw, setup.spec, num_blocks, layout, placement)
+    assert kv_cache.shape == batch.kv_cache.shape and kv_cache.dtype == batch.kv_cache.dtype
+    other.fill_(float("nan"))
+    kv_cache.copy_(batch.kv_cache)
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(batch.head_size, dim=-1)
+    batch = dataclasses.replace(
+        batch, kv_cache=kv_cache, key_cache=key_cache, value_cache=value_cache
+    )
+    oracle = oracle_copy(batch)
+
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    output = run_step(setup, batch, md)
+
+    check_cache_write(batch, oracle)
+    assert other.isnan().all(), "the other layer's cache was written"
+    assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
 
 
 def test_kv_sharing_layer_reads_the_cache_not_its_own_kv(route: str, device: str) -> None:

@@ -1,9 +1,9 @@
 """Every vLLM import of vllm_portable_attn, in one place.
 
 The rest of the package imports vLLM names from here only, so a vLLM release that moves or
-renames something needs a change in this file alone. Tested against vLLM 0.26.0; the known 0.33
-differences are handled where that is cheap (see the interface notes in
-shared/docs/vllm-backend-interface.md, the "0.33 delta" sections).
+renames something needs a change in this file alone. Supported: vLLM 0.26.0 through 0.33.0; CI
+runs the test suite against both ends. The differences between them are handled here (see the
+interface notes in shared/docs/vllm-backend-interface.md, the "0.33 delta" sections).
 
 Nothing in the kernels imports this module: kernels must run without vLLM.
 """
@@ -42,6 +42,17 @@ try:  # 0.26: the global "NHD"/"HND" switch. 0.33 removed it (layouts come from 
 except ImportError:  # pragma: no cover - depends on the vLLM version
     get_kv_cache_layout = None  # type: ignore[assignment]
 
+try:  # 0.33: one model-wide physical layout, a permutation of [layers, blocks, heads, slots, C],
+    # resolved from every backend's supported_kv_cache_layouts(). Absent in 0.26.
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+except ImportError:  # pragma: no cover - depends on the vLLM version
+    KVCacheLayout = None  # type: ignore[assignment,misc]
+
+#: Whether this vLLM allocates the KV cache through the backend's get_kv_cache_shape /
+#: get_kv_cache_stride_order hooks (0.26) rather than from the KV-cache spec and a
+#: KVCacheLayout (0.33, which never calls those hooks).
+KV_CACHE_SHAPE_FROM_BACKEND = KVCacheLayout is None
+
 if TYPE_CHECKING:
     from vllm.config.cache import CacheDType
     from vllm.platforms.interface import Platform
@@ -61,8 +72,11 @@ __all__ = [
     "CacheDType",
     "CommonAttentionMetadata",
     "DeviceCapability",
+    "KVCacheLayout",
+    "KV_CACHE_SHAPE_FROM_BACKEND",
     "MultipleOf",
     "VllmConfig",
+    "adaptive_verification_enabled",
     "current_platform",
     "get_kv_cache_layout",
     "get_logger",
@@ -118,3 +132,14 @@ def num_attention_heads_of_layers(vllm_config: VllmConfig, layer_names: list[str
     if len(heads) > 1:
         raise ValueError(f"layers {layer_names} disagree on num_heads: {sorted(heads)}")
     return heads.pop() if heads else None
+
+
+def adaptive_verification_enabled(vllm_config: VllmConfig) -> bool:
+    """Whether speculative decoding may trim verify queries on the device (vLLM 0.33+).
+
+    With adaptive verification the device ``query_start_loc`` can give a request fewer query
+    tokens than the host copy (``query_start_loc_cpu``) says; host-side planning must then treat
+    the host lengths as upper bounds. 0.26 has no such option.
+    """
+    speculative_config = getattr(vllm_config, "speculative_config", None)
+    return bool(getattr(speculative_config, "enable_adaptive_verification", False))

@@ -39,6 +39,7 @@ from vllm_portable_attn._compat import (
     AttentionSpec,
     CommonAttentionMetadata,
     VllmConfig,
+    adaptive_verification_enabled,
     get_logger,
     num_attention_heads_of_layers,
 )
@@ -153,6 +154,9 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 max_segments=MAX_SEGMENTS,
                 device=device,
             )
+        # vLLM 0.33's adaptive verification trims verify queries on the device only, so the
+        # host's query lengths are then upper bounds and cannot tell which groups are empty.
+        self.host_lengths_exact: bool = not adaptive_verification_enabled(vllm_config)
         self.request_groups: RequestGroups | None = None
         if self.route == "grouped":
             # vLLM never schedules more than max_num_seqs requests, padded ones included; a
@@ -228,7 +232,8 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             classify_requests(
                 cm.query_start_loc, cm.seq_lens, self.request_groups, MAX_DECODE_QUERY_LEN
             )
-            active_groups = _host_active_groups(cm)
+            if self.host_lengths_exact:
+                active_groups = _host_active_groups(cm)
 
         return PortableAttentionMetadata(
             route=self.route,

@@ -379,6 +379,7 @@ def correctness_worker(args: argparse.Namespace) -> int:
         attention_backend=args.backend,
         kv_cache_dtype=args.kv_cache_dtype,
         tensor_parallel_size=args.tensor_parallel_size,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=64,  # must not exceed the small token budget
@@ -824,7 +825,9 @@ def run_correctness(args: argparse.Namespace) -> int:
             + f", {r.role})"
             for r in runs
         )
-        + f"; tensor parallel {tp}; {'eager' if args.enforce_eager else 'compile + CUDA graphs'}",
+        + f"; tensor parallel {tp}"
+        + (" (NCCL all-reduce)" if tp > 1 and not args.custom_all_reduce else "")
+        + f"; {'eager' if args.enforce_eager else 'compile + CUDA graphs'}",
         flush=True,
     )
     if tp > 1:
@@ -891,6 +894,8 @@ def run_correctness(args: argparse.Namespace) -> int:
         ]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
+        if tp > 1 and not args.custom_all_reduce:
+            cmd.append("--disable-custom-all-reduce")
         if not spec.query_quant:
             cmd.append("--no-query-quant")
         if args.kv_cache_dtype != "auto":
@@ -1188,6 +1193,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fewer GPUs are visible); prints a PASS/FAIL line per worker",
     )
     cp.add_argument(
+        "--custom-all-reduce",
+        action="store_true",
+        help="with TP: keep vLLM's custom all-reduce (CUDA IPC between the GPUs); by default "
+        "NCCL does the all-reduces, which is what the lent multi-GPU hosts are known to run",
+    )
+    cp.add_argument(
         "--dry-run",
         action="store_true",
         help="build the model and prompts, check vLLM's ModelConfig accepts the model, print "
@@ -1247,6 +1258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop the fp8 query quantization before generating (eager only)",
     )
     cw.add_argument("--record-query-dtypes", action="store_true")
+    cw.add_argument("--disable-custom-all-reduce", action="store_true")
     return ap
 
 

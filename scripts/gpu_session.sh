@@ -302,7 +302,8 @@ run_sanitizer() {
   }
   cs=$(command -v compute-sanitizer || true)
   if [ -z "$cs" ]; then
-    for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer; do
+    for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer \
+      /usr/local/cuda-*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer; do
       [ -x "$c" ] && cs=$c
     done
   fi
@@ -349,8 +350,14 @@ run_sanitizer() {
   counts=$(pytest_counts "$tmp")
   passed=$(grep -cE '(^| )PASSED' "$tmp")
   skipped=$(grep -cE '(^| )SKIPPED' "$tmp")
+  local refused
+  refused=$(grep -m1 -iE 'device not supported|not supported on this (device|platform)|unable to (attach|launch|initialize)' "$tmp")
   rm -f "$tmp"
   local tail_note="${#present[@]} tests (${#missing[@]} missing)"
+  if [ -n "$refused" ]; then
+    echo "SUMMARY: sanitizer FAIL: compute-sanitizer could not check this GPU ('$refused'; gVisor hosts refuse it, Firecracker ones work); exit $rc; $tail_note"
+    return 1
+  fi
   if [ "$errors" -gt 0 ]; then
     echo "SUMMARY: sanitizer FAIL: memcheck $errors error(s), first: ${first:-?} ${at}; ${counts:-$passed passed}; $tail_note"
     return 1

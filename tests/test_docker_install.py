@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -176,6 +177,28 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, o
     return findings
 
 
+def _see_the_running_environment(venv: Path) -> None:
+    """Give `venv` the packages of the environment running the tests, as the image's system
+    Python holds vLLM.
+
+    `--system-site-packages` reaches the base interpreter's site-packages only. When the tests
+    run in a venv themselves (CI makes one per vLLM version), vLLM lives in that venv, so it is
+    chained in with a .pth file; its directories come before the base interpreter's.
+    """
+    if sys.prefix == sys.base_prefix:
+        return
+    outer = [p for p in site.getsitepackages() if Path(p).is_relative_to(sys.prefix)]
+    found = subprocess.run(
+        [str(venv / "bin" / "python3"), "-c", "import site; print(site.getsitepackages()[0])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    inner = Path(found.stdout.strip())
+    (inner / "_running_environment.pth").write_text("".join(f"{p}\n" for p in outer))
+
+
 def _replay(
     tmp: Path, step: str, image_env: dict[str, str], entrypoint: list[str]
 ) -> dict[str, object]:
@@ -188,6 +211,7 @@ def _replay(
         check=True,
         timeout=120,
     )
+    _see_the_running_environment(venv)
     # The images' Python is 3.12, where vLLM 0.26 requires setuptools>=77.0.3 (it ships
     # bdist_wheel, which --no-build-isolation relies on). On older Pythons vLLM does not pull it
     # in, and the venv's own setuptools may be too old to build a wheel: give the venv the

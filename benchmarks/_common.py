@@ -51,6 +51,11 @@ def utc_now() -> str:
 def git_commit() -> dict[str, Any]:
     """The commit the measured code came from; ``None`` fields where git is unavailable."""
     info: dict[str, Any] = {"git_commit": None, "git_dirty": None}
+    stamped = os.environ.get("PORTABLE_ATTN_GIT_COMMIT")
+    if stamped:
+        # Set by whoever shipped the tree (the GPU host's copy may carry a stale .git).
+        info["git_commit"] = stamped
+        return info
     try:
         info["git_commit"] = (
             subprocess.run(
@@ -74,9 +79,6 @@ def git_commit() -> dict[str, Any]:
         info["git_dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    if info["git_commit"] is None:
-        # The GPU host may receive the tree without .git; the session script passes it on.
-        info["git_commit"] = os.environ.get("PORTABLE_ATTN_GIT_COMMIT") or None
     return info
 
 

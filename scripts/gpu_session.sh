@@ -294,8 +294,8 @@ pytest_counts() {
 # sanitizer reports, on a failing test, or when no ERROR SUMMARY was printed.
 # shellcheck disable=SC2329 # called by name in a step's bash -c
 run_sanitizer() {
-  local cs c help collected id rc tmp errors nsum first at counts passed skipped status
-  local -a ids present missing opts
+  local cs c collected id rc tmp errors nsum first at counts passed skipped status
+  local -a ids present missing opts pair
   cuda_preflight || {
     echo "SUMMARY: sanitizer FAIL: torch sees no GPU"
     return 2
@@ -327,25 +327,38 @@ run_sanitizer() {
     echo "SUMMARY: sanitizer FAIL: none of the ${#ids[@]} node ids in SANITIZER_TESTS exists"
     return 2
   fi
-  # Options this compute-sanitizer knows: one process (pytest runs the tests in-process); CUDA
-  # API return codes are not errors here (a failed launch fails its test anyway, and libraries
-  # probe the API); device backtraces only; padding after every allocation so that an
-  # overrun lands in the padding rather than in a neighbouring allocation.
-  help=$("$cs" --help 2>&1)
-  opts=(--tool memcheck --error-exitcode 86)
-  grep -q -- '--target-processes' <<<"$help" && opts+=(--target-processes application-only)
-  grep -q -- '--report-api-errors' <<<"$help" && opts+=(--report-api-errors no)
-  grep -q -- '--show-backtrace' <<<"$help" && opts+=(--show-backtrace device)
-  grep -q -- '--print-limit' <<<"$help" && opts+=(--print-limit 40)
-  grep -q -- '--padding' <<<"$help" && opts+=(--padding 256)
+  # Options, each kept only if this compute-sanitizer takes it (tried on a program without
+  # CUDA, a second each): one process (pytest runs the tests in-process); CUDA API return codes
+  # are not errors here (a failed launch fails its test anyway, and libraries probe the API);
+  # device backtraces only; padding after every allocation, so that an overrun lands in the
+  # padding rather than in a neighbouring allocation.
+  # If even the base options fail on /bin/true, trying is no use: take what --help lists.
   tmp=$(mktemp)
+  opts=(--tool memcheck --error-exitcode 86)
+  local probe=1 help
+  if ! "$cs" "${opts[@]}" /bin/true >"$tmp" 2>&1; then
+    echo "note: compute-sanitizer on /bin/true failed ($(tail -n 2 "$tmp" | tr '\n' ' ')); options from --help"
+    probe=0
+    help=$("$cs" --help 2>&1)
+  fi
+  for c in "--target-processes application-only" "--report-api-errors no" "--show-backtrace device" \
+    "--print-limit 40" "--padding 256"; do
+    read -r -a pair <<<"$c"
+    if [ "$probe" = 0 ]; then
+      grep -q -- "${pair[0]}" <<<"$help" && opts+=("${pair[@]}")
+    elif "$cs" "${opts[@]}" "${pair[@]}" /bin/true >"$tmp" 2>&1; then
+      opts+=("${pair[@]}")
+    else
+      echo "WARNING: compute-sanitizer does not take $c: $(tail -n 2 "$tmp" | tr '\n' ' ')"
+    fi
+  done
   echo "+ PYTORCH_NO_CUDA_MEMORY_CACHING=1 $cs ${opts[*]} python3 -m pytest -v -rfEs ... (${#present[@]} tests, limit $((STEP_T - 25))s)"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 $((STEP_T - 25)) "$cs" "${opts[@]}" \
     python3 -m pytest -v -rfEs -p no:cacheprovider --durations=20 "${present[@]}" 2>&1 | tee "$tmp"
   rc=${PIPESTATUS[0]}
   errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$tmp" | grep -Eo '[0-9]+' | awk '{ s += $1 } END { print s + 0 }')
   nsum=$(grep -c 'ERROR SUMMARY' "$tmp")
-  first=$(grep -E '^========= +(Invalid|Misaligned|Out-of-range|Hardware|Program hit|Malloc|Illegal|Uninitialized|Barrier|Cuda|CUDA)' "$tmp" | head -n 1 | sed 's/^=* *//')
+  first=$(grep -E '^========= +(Invalid|Misaligned|Out-of-range|Hardware|Program hit|Malloc|Illegal|Uninitialized|Barrier|Warp|Lane|Cuda|CUDA)' "$tmp" | head -n 1 | sed 's/^=* *//')
   at=$(grep -E '^========= +at ' "$tmp" | head -n 1 | sed 's/^=* *//')
   counts=$(pytest_counts "$tmp")
   passed=$(grep -cE '(^| )PASSED' "$tmp")

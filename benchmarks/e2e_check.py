@@ -235,7 +235,11 @@ MODEL_KINDS: dict[str, dict[str, Any]] = {
         "qk_std": 0.08,
     },
     # Gemma-2 attention: sliding-window layers (window 100) alternating with full layers,
-    # attention logit soft cap 50, final logit soft cap 30, head size 256, 8/4 heads.
+    # attention logit soft cap 50, final logit soft cap 30, head size 256, 8/4 heads. Measured
+    # with transformers on a CPU (fp32, 800 random tokens): dropping the window changes the top
+    # token at 89% of positions; dropping the soft cap at 23%, putting it outside the other's
+    # top-5 at 2% (qk_std 0.12 would make that 12%, but bf16 alone then moves 6% out of the
+    # top-5: too close to the noise the divergence rule has to tolerate).
     "gemma2": {
         "classes": ("Gemma2Config", "Gemma2ForCausalLM"),
         "config": C.TINY_GEMMA2_DIR,

@@ -322,3 +322,28 @@ def test_bad_route_is_refused_at_selection(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.undo()
         envs.reset_cache()
     assert len(reasons) == 1 and "PORTABLE_ATTN_ROUTE='fastest' is not valid" in reasons[0]
+
+
+@pytest.mark.parametrize(
+    "arch, kv_cache_dtype, accepted",
+    [
+        ("gfx942", "fp8", True),
+        ("gfx950", "fp8_e4m3", True),
+        ("gfx90a", "fp8", False),  # MI200: no fp8 hardware, and not compile-checked
+        ("gfx90a", "auto", True),
+    ],
+)
+def test_fp8_kv_on_rocm_needs_a_checked_arch(
+    monkeypatch: pytest.MonkeyPatch, arch: str, kv_cache_dtype: str, accepted: bool
+) -> None:
+    from vllm_portable_attn import backend as backend_module
+
+    monkeypatch.setattr(backend_module.current_platform, "is_rocm", lambda: True)
+    monkeypatch.setattr(backend_module, "_rocm_gcn_arch", lambda: arch)
+    reasons = PortableAttentionBackend.validate_configuration(
+        **{**BASE_CONFIG, "kv_cache_dtype": kv_cache_dtype}
+    )
+    if accepted:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and "needs one of gfx942, gfx950 (got gfx90a)" in reasons[0]

@@ -38,6 +38,8 @@ SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
 #: Minimum CUDA compute capability per feature, as the Triton compiler supports them.
 _MIN_CAPABILITY_FP8_KV = DeviceCapability(8, 9)  # native fp8e4nv conversions
 _MIN_CAPABILITY_BF16 = DeviceCapability(8, 0)  # bf16 tensor-core dots
+# AMD GPUs with fp8 hardware that compile_check compiles our fp8 kernels for: MI300 and MI350.
+_ROCM_FP8_KV_ARCHS = ("gfx942", "gfx950")
 
 
 class PortableAttentionBackend(AttentionBackend):
@@ -179,9 +181,15 @@ class PortableAttentionBackend(AttentionBackend):
         )
         if cache_torch_dtype is not None and cache_torch_dtype != dtype:
             return f"kv_cache_dtype {kv_cache_dtype} differs from the model dtype {dtype}"
-        if current_platform.is_rocm() or device_capability is None:
-            return None
         is_fp8_kv = kv_cache_dtype is not None and kv_cache_dtype.startswith("fp8")
+        if current_platform.is_rocm():
+            arch = _rocm_gcn_arch() if is_fp8_kv else None
+            if arch is not None and arch not in _ROCM_FP8_KV_ARCHS:
+                supported = ", ".join(_ROCM_FP8_KV_ARCHS)
+                return f"fp8 KV cache on ROCm needs one of {supported} (got {arch})"
+            return None
+        if device_capability is None:
+            return None
         if is_fp8_kv and device_capability < _MIN_CAPABILITY_FP8_KV:
             return (
                 "fp8 KV cache needs compute capability >= "
@@ -195,3 +203,9 @@ class PortableAttentionBackend(AttentionBackend):
                 f"(got {device_capability.as_version_str()})"
             )
         return None
+
+
+def _rocm_gcn_arch() -> str:
+    """The current AMD GPU's gfx name without feature flags: "gfx942:sramecc+" -> "gfx942"."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return str(getattr(props, "gcnArchName", "unknown")).split(":")[0]

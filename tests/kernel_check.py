@@ -34,19 +34,23 @@ def run_and_check(
     *,
     provider: str = "unified",
     num_segments: int = 1,
-    fp8: bool = False,
+    fp8: torch.dtype | None = None,
     **features: object,
 ) -> None:
-    """Run `provider` ("unified" or "grouped") and the reference; compare the real tokens."""
+    """Run `provider` ("unified" or "grouped") and the reference; compare the real tokens.
+
+    fp8: an fp8 type (torch.float8_e4m3fn, torch.float8_e5m2, ...) to quantize the cache to,
+    x / scale with per-tensor scales as the backend stores it; None keeps the batch's dtype.
+    """
     scatter_new_tokens(batch)  # the grouped route's prefills read the new K/V directly
     key_cache, value_cache, scales = batch.key_cache, batch.value_cache, {}
-    if fp8:
+    if fp8 is not None:
         scales = dict(
             k_scale=torch.tensor(0.5, device=key_cache.device),
             v_scale=torch.tensor(0.25, device=key_cache.device),
         )
-        key_cache = (key_cache.float() / scales["k_scale"]).to(torch.float8_e4m3fn)
-        value_cache = (value_cache.float() / scales["v_scale"]).to(torch.float8_e4m3fn)
+        key_cache = (key_cache.float() / scales["k_scale"]).to(fp8)
+        value_cache = (value_cache.float() / scales["v_scale"]).to(fp8)
     workspace = None
     if num_segments > 1:
         workspace = SplitKVWorkspace.allocate(

@@ -19,6 +19,7 @@ from paged_batch import PagedBatch, make_batch, scatter_new_tokens
 from torch.utils._python_dispatch import TorchDispatchMode
 from vllm.config import CacheConfig, DeviceConfig, SchedulerConfig, VllmConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -442,10 +443,17 @@ def fp8_batch(
     )
 
 
-def run_fp8_case(setup: Setup, batch: PagedBatch, *, split: bool, tolerance: dict) -> None:
-    """One step on an fp8 cache; the write and the attention checked against plain torch."""
+def fp8_type_of(kv_cache_dtype: str) -> torch.dtype:
+    """What vLLM's uint8 cache holds for an fp8 kv_cache_dtype (how FLASHINFER reads it)."""
+    return torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2" else current_platform.fp8_dtype()
+
+
+def run_fp8_case(
+    setup: Setup, batch: PagedBatch, fp8: torch.dtype, *, split: bool, tolerance: dict
+) -> None:
+    """One step on an fp8 cache holding `fp8` values; the write and the attention checked
+    against plain torch."""
     k_scale, v_scale = setup.layer._k_scale_float, setup.layer._v_scale_float
-    fp8 = setup.impl.fp8_dtype
     want_k, want_v = batch.key_cache.clone(), batch.value_cache.clone()
     valid = batch.slot_mapping >= 0
     slots = batch.slot_mapping[valid]
@@ -468,8 +476,9 @@ def run_fp8_case(setup: Setup, batch: PagedBatch, *, split: bool, tolerance: dic
     torch.testing.assert_close(got, ref[:n], **tolerance)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("split", [False, True], ids=["mixed", "split"])
-def test_fp8_kv_cache_end_to_end(split: bool, route: str, device: str) -> None:
+def test_fp8_kv_cache_end_to_end(kv_cache_dtype: str, split: bool, route: str, device: str) -> None:
     """fp8 KV cache at small sizes: the uint8 cache viewed as fp8, the layer's scales used."""
     setup = make_setup(
         num_heads=8,
@@ -478,7 +487,7 @@ def test_fp8_kv_cache_end_to_end(split: bool, route: str, device: str) -> None:
         block_size=16,
         dtype=torch.float16,
         device=device,
-        kv_cache_dtype="fp8",
+        kv_cache_dtype=kv_cache_dtype,
         fp8_scales=(0.5, 0.25),
     )
     setup.builder.num_sms = SPLIT_NUM_SMS
@@ -494,13 +503,15 @@ def test_fp8_kv_cache_end_to_end(split: bool, route: str, device: str) -> None:
         num_padding_tokens=2,
         seed=3,
     )
-    batch = fp8_batch(batch, setup.impl.fp8_dtype, 0.5, 0.25, exact=True)
-    run_fp8_case(setup, batch, split=split, tolerance=TOLERANCE[torch.float16])
+    fp8 = fp8_type_of(kv_cache_dtype)
+    batch = fp8_batch(batch, fp8, 0.5, 0.25, exact=True)
+    run_fp8_case(setup, batch, fp8, split=split, tolerance=TOLERANCE[torch.float16])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
-def test_gpu_bf16_fp8_end_to_end(split: bool, route: str, device: str) -> None:
+def test_gpu_bf16_fp8_end_to_end(kv_cache_dtype: str, split: bool, route: str, device: str) -> None:
     """Real sizes on a GPU: bf16 model, fp8 KV cache, arbitrary (rounded) new K/V values."""
     requests = [(1, 3000), (1, 17), (4, 900)] if split else [(1, 2000), (300, 1000), (700, 0)]
     setup = make_setup(
@@ -510,7 +521,7 @@ def test_gpu_bf16_fp8_end_to_end(split: bool, route: str, device: str) -> None:
         block_size=16,
         dtype=torch.bfloat16,
         device=device,
-        kv_cache_dtype="fp8",
+        kv_cache_dtype=kv_cache_dtype,
         fp8_scales=(0.5, 0.25),
     )
     batch = make_batch(
@@ -524,8 +535,9 @@ def test_gpu_bf16_fp8_end_to_end(split: bool, route: str, device: str) -> None:
         num_padded_requests=2,
         num_padding_tokens=3,
     )
-    batch = fp8_batch(batch, setup.impl.fp8_dtype, 0.5, 0.25, exact=False)
-    run_fp8_case(setup, batch, split=split, tolerance=TOLERANCE[torch.bfloat16])
+    fp8 = fp8_type_of(kv_cache_dtype)
+    batch = fp8_batch(batch, fp8, 0.5, 0.25, exact=False)
+    run_fp8_case(setup, batch, fp8, split=split, tolerance=TOLERANCE[torch.bfloat16])
 
 
 # ---------------------------------------------------------------------- edge behaviour
@@ -918,7 +930,7 @@ IMPL_ARGS = (8, 64, 0.125, 2, None, None, "auto", None, AttentionType.DECODER, N
         ({8: AttentionType.ENCODER}, NotImplementedError, "decoder self-attention only"),
         ({8: AttentionType.ENCODER_ONLY}, NotImplementedError, "decoder self-attention only"),
         ({8: AttentionType.ENCODER_DECODER}, NotImplementedError, "decoder self-attention"),
-        ({6: "fp8_e5m2"}, ValueError, "kv_cache_dtype 'fp8_e5m2' is not supported"),
+        ({6: "int8_per_token_head"}, ValueError, "'int8_per_token_head' is not supported"),
         ({3: 3}, ValueError, "not a multiple of num_kv_heads"),
         ({5: 0}, ValueError, "sliding_window must be positive"),
         ({4: [0.5] * 7}, ValueError, "7 ALiBi slopes for 8 heads"),
@@ -931,7 +943,7 @@ IMPL_ARGS = (8, 64, 0.125, 2, None, None, "auto", None, AttentionType.DECODER, N
         "encoder",
         "encoder_only",
         "cross",
-        "e5m2",
+        "int8_kv",
         "heads",
         "window0",
         "alibi",
@@ -951,6 +963,23 @@ def test_impl_rejects_unsupported(change: dict, error: type, match: str) -> None
             kwargs[key] = value
     with pytest.raises(error, match=match):
         PortableAttentionImpl(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kv_cache_dtype, fp8",
+    [
+        ("auto", None),
+        ("float16", None),
+        ("fp8", current_platform.fp8_dtype()),
+        ("fp8_e4m3", current_platform.fp8_dtype()),
+        ("fp8_e5m2", torch.float8_e5m2),
+    ],
+    ids=["auto", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"],
+)
+def test_impl_views_fp8_caches_as_their_type(kv_cache_dtype: str, fp8: torch.dtype | None) -> None:
+    args = list(IMPL_ARGS)
+    args[6] = kv_cache_dtype
+    assert PortableAttentionImpl(*args).fp8_dtype == fp8
 
 
 def test_impl_accepts_vllm_defaults_for_optional_args() -> None:

@@ -138,6 +138,26 @@ def test_binding_follows_each_target() -> None:
     assert not found["sm90"]["query_range"]
 
 
+def test_e5m2_cache_is_compiled_for_nvidia_only() -> None:
+    """fp8_e5m2: an e5m2 cache on sm90; sm80 and AMD skip it (the backend refuses it there)."""
+    found = _python(
+        """
+        import json
+        from vllm_portable_attn import compile_check as cc
+        sc = [cc.Scenario("unified", dtype="fp8_e5m2")]
+        jobs = cc.collect_jobs(sc, [cc.TARGETS[t] for t in cc.available_targets()])
+        out = {}
+        for j in jobs:
+            arg = "key_ptr" if j.kernel == "attention_kernel" else "key_cache_ptr"
+            out.setdefault(j.target, {})[j.kernel] = j.signature.get(arg)
+        print(json.dumps(out))
+        """
+    )
+    assert set(found) == {"sm90"}
+    for target in found:
+        assert found[target] == {"attention_kernel": "*fp8e5", "_write_kv_cache_kernel": "*fp8e5"}
+
+
 def test_head_sizes_match_backend() -> None:
     from vllm_portable_attn.backend import SUPPORTED_HEAD_SIZES
 

@@ -154,8 +154,13 @@ def test_gpu_grouped(order: str, dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "features",
-    [dict(fp8=True), dict(sliding_window=300), dict(sinks=True)],
-    ids=["fp8", "window", "sinks"],
+    [
+        dict(fp8=torch.float8_e4m3fn),
+        dict(fp8=torch.float8_e5m2),
+        dict(sliding_window=300),
+        dict(sinks=True),
+    ],
+    ids=["fp8", "fp8_e5m2", "window", "sinks"],
 )
 def test_gpu_grouped_features(features: dict) -> None:
     b = make_batch(

@@ -22,6 +22,8 @@ from vllm_portable_attn.kernels import (
 # (query_len, context_len): decodes, a chunked-prefill continuation, fresh prompts, odd lengths.
 MIXED = [(1, 16), (17, 0), (63, 40), (1, 129), (5, 1), (129, 0)]
 DECODES = [(1, 15), (1, 100), (1, 1), (1, 64)]
+# The fp8 KV-cache types: kv_cache_dtype "fp8" / "fp8_e4m3" on CUDA, and "fp8_e5m2".
+FP8_TYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def cpu_batch(requests: list[tuple[int, int]], **overrides: object) -> PagedBatch:
@@ -96,6 +98,16 @@ def test_window_of_one(num_segments: int) -> None:
                   sliding_window=1)  # fmt: skip
 
 
+@pytest.mark.parametrize("fp8", FP8_TYPES.values(), ids=FP8_TYPES.keys())
+@pytest.mark.parametrize("provider", ["unified", "grouped"])
+@pytest.mark.parametrize("num_segments", [1, 4], ids=["nosplit", "split4"])
+def test_fp8_cache(fp8: torch.dtype, provider: str, num_segments: int) -> None:
+    """An fp8 cache read back as cache * scale; the conversion follows the cache's type."""
+    requests = MIXED if num_segments == 1 else DECODES
+    batch = cpu_batch(requests, num_padding_tokens=2)
+    run_and_check(batch, provider=provider, num_segments=num_segments, fp8=fp8)
+
+
 def test_extreme_logits_stay_finite() -> None:
     batch = cpu_batch(MIXED)
     batch.query.mul_(60)  # fp16 scores in the thousands: overflow if not max-subtracted
@@ -113,6 +125,34 @@ def test_cache_write_matches_scatter() -> None:
     scatter_new_tokens(batch)
     assert torch.equal(got_k, batch.key_cache)
     assert torch.equal(got_v, batch.value_cache)
+
+
+@pytest.mark.parametrize("fp8", FP8_TYPES.values(), ids=FP8_TYPES.keys())
+def test_cache_write_fp8(fp8: torch.dtype) -> None:
+    """An fp8 cache stores x / scale in the cache's own fp8 type, bit for bit.
+
+    The new K/V are fp8 values times their scale, so storing them needs no rounding: Triton
+    3.6's interpreter rounds fp32 -> fp8 wrongly when rounding up crosses a power of two.
+    """
+    batch = cpu_batch(MIXED, num_padding_tokens=4)
+    k_scale, v_scale = torch.tensor(0.5, device=DEVICE), torch.tensor(0.25, device=DEVICE)
+    key = ((batch.key.float() / k_scale).to(fp8).float() * k_scale).to(batch.key.dtype)
+    value = ((batch.value.float() / v_scale).to(fp8).float() * v_scale).to(batch.value.dtype)
+    # One fp8 allocation with K and V interleaved per slot, as vLLM lays the cache out.
+    d = batch.head_size
+    physical = batch.kv_cache.permute(0, 2, 1, 3).float()
+    physical = torch.cat([physical[..., :d] / k_scale, physical[..., d:] / v_scale], -1).to(fp8)
+    key_cache, value_cache = physical.split(d, dim=-1)
+    want_k, want_v = key_cache.clone(), value_cache.clone()
+    valid = batch.slot_mapping >= 0
+    slots = batch.slot_mapping[valid]
+    blocks, offsets = slots // key_cache.shape[1], slots % key_cache.shape[1]
+    want_k[blocks, offsets] = (key[: len(valid)][valid].float() / k_scale).to(fp8)
+    want_v[blocks, offsets] = (value[: len(valid)][valid].float() / v_scale).to(fp8)
+
+    write_kv_cache(key, value, key_cache, value_cache, batch.slot_mapping, k_scale, v_scale)
+    assert torch.equal(key_cache.view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(value_cache.view(torch.uint8), want_v.view(torch.uint8))
 
 
 def test_choose_num_segments() -> None:
@@ -203,10 +243,11 @@ def test_gpu_split_kv(num_segments: int, requests: list[tuple[int, int]]) -> Non
         dict(softcap=30.0),
         dict(alibi_slopes="random"),
         dict(sinks="random"),
-        dict(fp8=True),
+        dict(fp8=torch.float8_e4m3fn),
+        dict(fp8=torch.float8_e5m2),
         dict(causal=False),
     ],
-    ids=["window", "softcap", "alibi", "sinks", "fp8", "noncausal"],
+    ids=["window", "softcap", "alibi", "sinks", "fp8", "fp8_e5m2", "noncausal"],
 )
 @pytest.mark.parametrize("num_segments", [1, 8], ids=["nosplit", "split8"])
 def test_gpu_features(features: dict, num_segments: int) -> None:

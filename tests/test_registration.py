@@ -26,6 +26,7 @@ from vllm_portable_attn.backend import PortableAttentionBackend
 
 PACKAGE_DIR = Path(vllm_portable_attn.__file__).parent
 H100 = DeviceCapability(9, 0)
+A100 = DeviceCapability(8, 0)
 
 
 @pytest.fixture
@@ -184,11 +185,13 @@ ACCEPTED = {
     "sinks": dict(has_sink=True),
     "fp8_kv": dict(kv_cache_dtype="fp8"),
     "fp8_e4m3_kv": dict(kv_cache_dtype="fp8_e4m3"),
+    "fp8_e5m2_kv": dict(kv_cache_dtype="fp8_e5m2"),
     "bf16_kv": dict(kv_cache_dtype="bfloat16"),
     "fp16_kv": dict(dtype=torch.float16, kv_cache_dtype="float16"),
     "kv_connector": dict(use_kv_connector=True),
     "ampere_fp16": dict(dtype=torch.float16, device_capability=DeviceCapability(8, 0)),
     "ada_fp8": dict(kv_cache_dtype="fp8", device_capability=DeviceCapability(8, 9)),
+    "ada_fp8_e5m2": dict(kv_cache_dtype="fp8_e5m2", device_capability=DeviceCapability(8, 9)),
     "everything": dict(has_sliding_window=True, has_sink=True, kv_cache_dtype="fp8", block_size=32),
 }
 
@@ -211,7 +214,6 @@ REJECTED = {
     "block8": (dict(block_size=8), "block_size not supported"),
     "block24": (dict(block_size=24), "block_size not supported"),
     "float64": (dict(dtype=torch.float64), "dtype not supported"),
-    "fp8_e5m2_kv": (dict(kv_cache_dtype="fp8_e5m2"), "kv_cache_dtype not supported"),
     "int8_kv": (dict(kv_cache_dtype="int8_per_token_head"), "kv_cache_dtype not supported"),
     "encoder": (dict(attn_type="encoder"), "attention type encoder not supported"),
     "encoder_only": (dict(attn_type="encoder_only"), "attention type encoder_only not supported"),
@@ -224,8 +226,19 @@ REJECTED = {
     "per_head_scales": (dict(use_per_head_quant_scales=True), "per-head quant scales"),
     "pcp": (dict(use_pcp=True), "PCP not supported"),
     "fp8_on_ampere": (
-        dict(kv_cache_dtype="fp8", device_capability=DeviceCapability(8, 0)),
-        "fp8 KV cache needs compute capability >= 8.9",
+        dict(kv_cache_dtype="fp8", device_capability=A100),
+        "kv_cache_dtype fp8 needs compute capability >= 8.9 (got 8.0); "
+        "supported here: auto, float16, bfloat16",
+    ),
+    "fp8_e4m3_on_ampere": (
+        dict(kv_cache_dtype="fp8_e4m3", device_capability=A100),
+        "kv_cache_dtype fp8_e4m3 needs compute capability >= 8.9 (got 8.0); "
+        "supported here: auto, float16, bfloat16",
+    ),
+    "fp8_e5m2_on_ampere": (
+        dict(kv_cache_dtype="fp8_e5m2", device_capability=A100),
+        "kv_cache_dtype fp8_e5m2 needs compute capability >= 8.9 (got 8.0); "
+        "supported here: auto, float16, bfloat16",
     ),
     "bf16_on_turing": (
         dict(device_capability=DeviceCapability(7, 5)),
@@ -347,3 +360,19 @@ def test_fp8_kv_on_rocm_needs_a_checked_arch(
         assert reasons == []
     else:
         assert len(reasons) == 1 and "needs one of gfx942, gfx950 (got gfx90a)" in reasons[0]
+
+
+@pytest.mark.parametrize("arch", ["gfx942", "gfx950", "gfx90a"])
+def test_fp8_e5m2_is_refused_on_rocm(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """MI300 uses the fnuz fp8 variants, and no e5m2 kernel is compile-checked for AMD."""
+    from vllm_portable_attn import backend as backend_module
+
+    monkeypatch.setattr(backend_module.current_platform, "is_rocm", lambda: True)
+    monkeypatch.setattr(backend_module, "_rocm_gcn_arch", lambda: arch)
+    reasons = PortableAttentionBackend.validate_configuration(
+        **{**BASE_CONFIG, "kv_cache_dtype": "fp8_e5m2"}
+    )
+    assert reasons == [
+        "kv_cache_dtype fp8_e5m2 is not supported on ROCm; "
+        "supported: auto, float16, bfloat16, fp8, fp8_e4m3"
+    ]

@@ -36,24 +36,35 @@ KERNEL_BLOCK_SIZE_MULTIPLE = 16
 SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
 
 #: Minimum CUDA compute capability per feature, as the Triton compiler supports them.
-_MIN_CAPABILITY_FP8_KV = DeviceCapability(8, 9)  # native fp8e4nv conversions
+_MIN_CAPABILITY_FP8_KV = DeviceCapability(8, 9)  # fp8 / fp8_e4m3: native fp8e4nv conversions
+# fp8_e5m2: Triton 3.6 converts fp8e5 on every NVIDIA target, but below sm89 the store is
+# emulated: it rounds ties away from zero and turns |x / scale| >= 61440 into inf instead of
+# saturating, which would put inf in the cache. From sm89 the store saturates, like e4m3's.
+_MIN_CAPABILITY_FP8_E5M2_KV = DeviceCapability(8, 9)
 _MIN_CAPABILITY_BF16 = DeviceCapability(8, 0)  # bf16 tensor-core dots
 # AMD GPUs with fp8 hardware that compile_check compiles our fp8 kernels for: MI300 and MI350.
 _ROCM_FP8_KV_ARCHS = ("gfx942", "gfx950")
+# KV-cache dtypes accepted on ROCm. No fp8_e5m2: MI300 uses the fnuz fp8 variants and our e5m2
+# kernels have not been compile-checked for gfx942 / gfx950.
+_ROCM_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
 
 
 class PortableAttentionBackend(AttentionBackend):
     """Paged attention through Triton kernels, registered as vLLM's ``CUSTOM`` backend."""
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    # fp8_e5m2 is left out on purpose: vLLM views every fp8 cache as the platform's e4m3 type,
-    # so an e5m2 cache would be read with the wrong format.
+    # vLLM allocates every fp8 cache as uint8, and its TRITON_ATTN views even an fp8_e5m2 cache
+    # as the platform's e4m3 type. Our impl views the bytes itself: fp8 / fp8_e4m3 as the
+    # platform's e4m3 type, fp8_e5m2 as torch.float8_e5m2 (as FLASHINFER does), and the kernels
+    # take their conversions from the cache's element type. Per-tensor scales: x / scale stored.
+    # Per-platform limits (capability, ROCm) are in supports_combination.
     supported_kv_cache_dtypes: ClassVar[list[CacheDType]] = [
         "auto",
         "float16",
         "bfloat16",
         "fp8",
         "fp8_e4m3",
+        "fp8_e5m2",
     ]
     # The KV cache is written by a separate op (vllm::unified_kv_cache_update ->
     # impl.do_kv_cache_update) before attention runs, so forward() only reads the cache.
@@ -183,6 +194,11 @@ class PortableAttentionBackend(AttentionBackend):
             return f"kv_cache_dtype {kv_cache_dtype} differs from the model dtype {dtype}"
         is_fp8_kv = kv_cache_dtype is not None and kv_cache_dtype.startswith("fp8")
         if current_platform.is_rocm():
+            if (kv_cache_dtype or "auto") not in _ROCM_KV_CACHE_DTYPES:
+                return (
+                    f"kv_cache_dtype {kv_cache_dtype} is not supported on ROCm; supported: "
+                    f"{', '.join(_ROCM_KV_CACHE_DTYPES)}"
+                )
             arch = _rocm_gcn_arch() if is_fp8_kv else None
             if arch is not None and arch not in _ROCM_FP8_KV_ARCHS:
                 supported = ", ".join(_ROCM_FP8_KV_ARCHS)
@@ -190,12 +206,19 @@ class PortableAttentionBackend(AttentionBackend):
             return None
         if device_capability is None:
             return None
-        if is_fp8_kv and device_capability < _MIN_CAPABILITY_FP8_KV:
-            return (
-                "fp8 KV cache needs compute capability >= "
-                f"{_MIN_CAPABILITY_FP8_KV.as_version_str()} "
-                f"(got {device_capability.as_version_str()})"
+        if is_fp8_kv:
+            min_capability = (
+                _MIN_CAPABILITY_FP8_E5M2_KV
+                if kv_cache_dtype == "fp8_e5m2"
+                else _MIN_CAPABILITY_FP8_KV
             )
+            if device_capability < min_capability:
+                return (
+                    f"kv_cache_dtype {kv_cache_dtype} needs compute capability >= "
+                    f"{min_capability.as_version_str()} (got "
+                    f"{device_capability.as_version_str()}); supported here: "
+                    f"{', '.join(_kv_cache_dtypes_for(device_capability))}"
+                )
         uses_bf16 = dtype == torch.bfloat16 or kv_cache_dtype == "bfloat16"
         if uses_bf16 and device_capability < _MIN_CAPABILITY_BF16:
             return (
@@ -203,6 +226,21 @@ class PortableAttentionBackend(AttentionBackend):
                 f"(got {device_capability.as_version_str()})"
             )
         return None
+
+
+def _kv_cache_dtypes_for(capability: DeviceCapability) -> list[str]:
+    """The KV-cache dtypes a CUDA GPU of this capability can use (for refusal messages)."""
+    minimum = {
+        "fp8": _MIN_CAPABILITY_FP8_KV,
+        "fp8_e4m3": _MIN_CAPABILITY_FP8_KV,
+        "fp8_e5m2": _MIN_CAPABILITY_FP8_E5M2_KV,
+        "bfloat16": _MIN_CAPABILITY_BF16,
+    }
+    return [
+        str(d)
+        for d in PortableAttentionBackend.supported_kv_cache_dtypes
+        if d not in minimum or capability >= minimum[d]
+    ]
 
 
 def _rocm_gcn_arch() -> str:

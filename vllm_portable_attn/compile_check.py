@@ -16,11 +16,11 @@ with (`configs.TUNED_TRITON`): those mean "retune", not "broken".
 
 Which specialisations: every constexpr combination is thousands of compiles, so the default
 (CI) set sweeps each axis around one base case (bf16, head size 128, GQA 4, page 16): every
-supported head size, each dtype and an fp8 KV cache, GQA 1 / 3 / 8, page 64, decode,
-spec-verify and prefill-shaped tiles, split-KV with its merge, each feature switch alone and
-all together, both routes (the grouped route's decode / extend / dense and paged prefill
-launches), the cache writer and the classifier: about 250 unique compiles, 6 minutes on two
-cores. `--quick` compiles each kernel and route once (about 30, under half a minute);
+supported head size, each dtype and the fp8 KV caches (e4m3, e5m2), GQA 1 / 3 / 8, page 64,
+decode, spec-verify and prefill-shaped tiles, split-KV with its merge, each feature switch
+alone and all together, both routes (the grouped route's decode / extend / dense and paged
+prefill launches), the cache writer and the classifier: about 250 unique compiles, 6 minutes
+on two cores. `--quick` compiles each kernel and route once (about 30, under half a minute);
 `--full` widens every sweep (about 1500, for a machine with many cores).
 
 How the specialisations are found (no hand-written signatures): the real public launchers
@@ -41,7 +41,9 @@ What is realistic about the recorded launches, and why it matters for codegen:
     a wider table and the split-KV workspace has the builder's size, so every stride has the
     divisibility it has in vLLM.
   * fp8 caches use the platform's fp8 type: e4m3fn on sm_90 and gfx950, e4m3fnuz on gfx942;
-    sm_80 has no fp8 KV cache (the backend refuses it below compute capability 8.9).
+    sm_80 has no e4m3 KV cache (the backend refuses it below compute capability 8.9). An
+    fp8_e5m2 cache is e5m2 on sm_90 only (the backend needs sm_89 for either fp8, and refuses
+    e5m2 on ROCm).
 
 Register and spill counts come from `ptxas -v` for NVIDIA (the report of the ptxas run Triton
 makes anyway, or, for a kernel taken from Triton's cache, of Triton's ptxas run again on the
@@ -124,9 +126,16 @@ class Target:
     fp8_dtype: torch.dtype | None  # the platform's fp8 KV-cache type; None: fp8 KV refused
     # Shared memory / LDS one program may use; Triton refuses to launch a kernel asking more.
     max_shared: int
+    fp8_e5m2: bool = False  # whether the backend accepts an fp8_e5m2 KV cache here
 
     def gpu_target(self) -> GPUTarget:
         return GPUTarget(self.backend, self.arch, self.warp_size)
+
+    def cache_dtype(self, kv: str) -> torch.dtype | None:
+        """The cache element type of a scenario's fp8 dtype here; None: the backend refuses it."""
+        if kv == "fp8_e5m2":
+            return torch.float8_e5m2 if self.fp8_e5m2 else None
+        return self.fp8_dtype
 
 
 TARGETS: dict[str, Target] = {
@@ -134,7 +143,7 @@ TARGETS: dict[str, Target] = {
     for t in (
         # A100: 163 KiB of shared memory per block (opt-in); H100/H200: 227 KiB.
         Target("sm80", "cuda", 80, 32, "ampere", None, 166912),
-        Target("sm90", "cuda", 90, 32, "hopper", torch.float8_e4m3fn, 232448),
+        Target("sm90", "cuda", 90, 32, "hopper", torch.float8_e4m3fn, 232448, fp8_e5m2=True),
         # vLLM's ROCm platform uses the fnuz fp8 variant on gfx94x, OCP e4m3fn on gfx950.
         # LDS per workgroup: 64 KiB on MI300, 160 KiB on MI350.
         Target("gfx942", "hip", "gfx942", 64, "cdna", torch.float8_e4m3fnuz, 65536),
@@ -143,13 +152,15 @@ TARGETS: dict[str, Target] = {
 }
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Scenario dtypes meaning a bf16 model with an fp8 KV cache (vLLM's kv_cache_dtype strings).
+_FP8_KV = ("fp8", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
 class Scenario:
     """One forward step of one layer, as the backend would run it.
 
-    dtype is the model dtype, or "fp8": a bf16 model with an fp8 KV cache.
+    dtype is the model dtype, or "fp8" / "fp8_e5m2": a bf16 model with that fp8 KV cache.
     route "unified" writes the cache and runs `unified_attention` (as impl.py does); "grouped"
     writes the cache, classifies the requests and runs `grouped_attention`.
     max_query_len picks the tile shape: 1 decode, 2..8 spec-verify, larger a mixed batch.
@@ -224,8 +235,8 @@ def default_scenarios() -> list[Scenario]:
     s: list[Scenario] = []
     # Every supported head size, decode- and prefill-shaped.
     s += [replace(p, head_size=d) for d in HEAD_SIZES for p in (decode, mixed)]
-    # The other model dtypes, and an fp8 KV cache under a bf16 model.
-    s += [replace(p, dtype=t) for t in ("fp16", "fp32", "fp8") for p in (decode, mixed)]
+    # The other model dtypes, and fp8 KV caches (e4m3, e5m2) under a bf16 model.
+    s += [replace(p, dtype=t) for t in ("fp16", "fp32", *_FP8_KV) for p in (decode, mixed)]
     # GQA: MHA, a non-power-of-two group (padded rows), a wide group; spec-verify tiles.
     s += [replace(mixed, gqa=g) for g in (1, 3, 8)]
     s += [replace(decode, gqa=3)]
@@ -239,7 +250,8 @@ def default_scenarios() -> list[Scenario]:
     # The grouped route: a mixed batch (decode tiles of 8 queries, extend, dense prefill), a
     # pure decode batch with split-KV, fp8 (prefill through the cache), every feature.
     grouped = Scenario("grouped", max_query_len=_MIXED)
-    s += [grouped, Scenario("grouped", num_segments=8), replace(grouped, dtype="fp8")]
+    s += [grouped, Scenario("grouped", num_segments=8)]
+    s += [replace(grouped, dtype=t) for t in _FP8_KV]
     s += [replace(grouped, **_ALL_FEATURES), replace(grouped, kv_sharing=True)]
     # AMD marks caches under 2 GiB (small models / GPUs) for buffer ops: the other variant.
     s += [replace(mixed, large_cache=False)]
@@ -251,7 +263,7 @@ def full_scenarios() -> list[Scenario]:
     decode, mixed = Scenario("unified"), Scenario("unified", max_query_len=_MIXED)
     phases = (decode, mixed)
     s = default_scenarios()
-    s += [replace(p, dtype=t, head_size=d) for t in ("fp16", "fp32", "fp8")
+    s += [replace(p, dtype=t, head_size=d) for t in ("fp16", "fp32", *_FP8_KV)
           for d in HEAD_SIZES for p in phases]  # fmt: skip
     s += [replace(p, gqa=g, head_size=d) for g in (1, 3, 8) for d in (64, 256) for p in phases]
     s += [replace(decode, max_query_len=q, gqa=g) for q in (2, 8) for g in (1, 3, 4, 8)]
@@ -347,8 +359,9 @@ def _run_scenario(sc: Scenario, target: Target, device: str = "meta") -> None:
     can actually run: every page is block 0 and no slot is written.
     """
     meta = torch.device(device)
-    dtype = torch.bfloat16 if sc.dtype == "fp8" else _DTYPES[sc.dtype]
-    cache_dtype = target.fp8_dtype if sc.dtype == "fp8" else dtype
+    fp8 = sc.dtype in _FP8_KV
+    dtype = torch.bfloat16 if fp8 else _DTYPES[sc.dtype]
+    cache_dtype = target.cache_dtype(sc.dtype) if fp8 else dtype
     assert cache_dtype is not None
     kvh, d, page = sc.num_kv_heads, sc.head_size, sc.page_size
     heads = kvh * sc.gqa
@@ -385,7 +398,6 @@ def _run_scenario(sc: Scenario, target: Target, device: str = "meta") -> None:
     query_start_loc = torch.empty(num_reqs + 1, dtype=torch.int32, device=meta)
     seq_lens = torch.empty(num_reqs, dtype=torch.int32, device=meta)
     slot_mapping = torch.empty(num_tokens, dtype=torch.int64, device=meta)
-    fp8 = sc.dtype == "fp8"
     k_scale = torch.empty((), dtype=torch.float32, device=meta) if fp8 else None
     v_scale = torch.empty((), dtype=torch.float32, device=meta) if fp8 else None
     alibi = torch.empty(heads, dtype=torch.float32, device=meta) if sc.alibi else None
@@ -527,13 +539,14 @@ def _describe_tile(constexprs: dict[str, Any]) -> str:
 def collect_jobs(scenarios: list[Scenario], targets: list[Target]) -> list[CompileJob]:
     """Run every scenario for every target and return the unique compiles, in first-seen order.
 
-    A scenario a target cannot run (fp8 KV cache on sm_80) is skipped for that target.
+    A scenario a target cannot run (an e4m3 KV cache on sm_80, e5m2 on AMD) is skipped for that
+    target.
     """
     jobs: dict[str, CompileJob] = {}
     for target in targets:
         with _config_arch(target.table_arch):
             for sc in scenarios:
-                if sc.dtype == "fp8" and target.fp8_dtype is None:
+                if sc.dtype in _FP8_KV and target.cache_dtype(sc.dtype) is None:
                     continue
                 launches: list[Launch] = []
                 try:

@@ -29,7 +29,8 @@ logger = get_logger(__name__)
 
 #: KV-cache dtype strings this impl reads. Keep in sync with
 #: PortableAttentionBackend.supported_kv_cache_dtypes (selection rejects the rest first).
-_FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+#: vLLM allocates fp8 caches as uint8; the impl views them as the fp8 type of the string.
+_FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
 _KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", *_FP8_KV_CACHE_DTYPES)
 
 #: Extra constructor arguments we understand, with the value that means "feature off" (None: any
@@ -111,10 +112,10 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         # The kernels load sinks in any float dtype and upcast, so no fp32 copy (which would go
         # stale when the weights are loaded into the parameter later) is made.
         self.sinks = sinks
-        # Set iff the cache is fp8: the platform's e4m3 type (e4m3fnuz on MI300) to view it as.
-        self.fp8_dtype: torch.dtype | None = (
-            current_platform.fp8_dtype() if kv_cache_dtype in _FP8_KV_CACHE_DTYPES else None
-        )
+        # Set iff the cache is fp8: the type to view vLLM's uint8 cache as. fp8_e5m2 is
+        # float8_e5m2 (as FLASHINFER reads it; TRITON_ATTN would use the platform's e4m3 type),
+        # fp8 / fp8_e4m3 the platform's e4m3 type (e4m3fnuz on MI300).
+        self.fp8_dtype: torch.dtype | None = _fp8_view_dtype(kv_cache_dtype)
         logger.info_once(
             "vllm_portable_attn: route=%s, heads %d/%d (q/kv), head size %d, kv cache %s, "
             "sliding window %s, softcap %s, alibi %s, sinks %s",
@@ -228,6 +229,15 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
                 query[:num_tokens], key_cache, value_cache, output[:num_tokens], *lengths, **options
             )
         return output
+
+
+def _fp8_view_dtype(kv_cache_dtype: str) -> torch.dtype | None:
+    """The fp8 type an fp8 KV cache of this dtype string holds; None if it is not fp8."""
+    if kv_cache_dtype == "fp8_e5m2":
+        return torch.float8_e5m2
+    if kv_cache_dtype in _FP8_KV_CACHE_DTYPES:
+        return current_platform.fp8_dtype()
+    return None
 
 
 def graph_capture_in_progress() -> bool:

@@ -73,6 +73,7 @@ def _attend_tiles(
     PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_LOOKAHEAD: tl.constexpr,
+    KEYS_AS_ROWS: tl.constexpr,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     USE_SLIDING_WINDOW: tl.constexpr,
@@ -103,14 +104,29 @@ def _attend_tiles(
         else:
             row = first_key_row + offs_n.to(tl.int64)
             slot = offs_n * 0
-        k = tl.load(
-            key_ptr + row[None, :] * stride_k[0] + slot[None, :] * stride_k[1] + offs_d[:, None],
-            mask=d_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )  # [HEAD_PAD, TILE_N]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        if KEYS_AS_ROWS:
+            # K in V's layout, [keys, head dims]: the page ids and the mask are computed once
+            # for both tiles, and the dot reads K transposed from shared memory for free.
+            k = tl.trans(
+                tl.load(
+                    key_ptr + row[:, None] * stride_k[0] + slot[:, None] * stride_k[1]
+                    + offs_d[None, :],
+                    mask=kv_mask,
+                    other=0.0,
+                )
+            )  # fmt: skip
+        else:
+            k = tl.load(
+                key_ptr + row[None, :] * stride_k[0] + slot[None, :] * stride_k[1]
+                + offs_d[:, None],
+                mask=d_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )  # fmt: skip
+        # k: [HEAD_PAD, TILE_N]
         v = tl.load(
             value_ptr + row[:, None] * stride_v[0] + slot[:, None] * stride_v[1] + offs_d[None, :],
-            mask=n_mask[:, None] & d_mask[None, :],
+            mask=kv_mask,
             other=0.0,
         )  # [TILE_N, HEAD_PAD]
         if KV_FP8:
@@ -118,10 +134,17 @@ def _attend_tiles(
             v = (v.to(tl.float32) * v_scale).to(q.dtype)
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
+        # Paged scores stay unscaled: the softmax step scales them in its exponent's FMA, one
+        # pass over the tile fewer (H200: paged prefill and extend +4%). The dense loop measured
+        # 1-2% slower that way (more live registers), so it scales first and passes scale 1, as
+        # soft cap and ALiBi must (they need the scaled score).
+        s_scale = score_scale
         if USE_SOFTCAP:
             s = softcap * tanh(s * (score_scale / softcap)) * LOG2E
-        else:
+            s_scale = 1.0
+        elif USE_ALIBI or not PAGED:
             s = s * score_scale
+            s_scale = 1.0
         if USE_ALIBI:
             s += (alibi_slope[:, None] * (offs_n[None, :] - query_pos[:, None])) * LOG2E
         if MASKED:
@@ -131,7 +154,7 @@ def _attend_tiles(
             if USE_SLIDING_WINDOW:
                 visible = visible & (query_pos[:, None] - offs_n[None, :] < window)
             s = tl.where(visible, s, float("-inf"))
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, s_scale, v, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -177,6 +200,7 @@ def attention_kernel(
     GROUP: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_LOOKAHEAD: tl.constexpr,
+    KEYS_AS_ROWS: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     USE_SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
@@ -291,7 +315,7 @@ def attention_kernel(
             acc, m_i, l_i, q, bounds[i][0], bounds[i][1],
             key_head_ptr, value_head_ptr, bt_row, q_start, stride_k, stride_v,
             seq_len, query_pos, alibi_slope, score_scale, softcap, window, k_scale, v_scale,
-            offs_d, HEAD_SIZE, TILE_N, PAGE_SIZE, PAGED, PAGE_LOOKAHEAD, i != 1,
+            offs_d, HEAD_SIZE, TILE_N, PAGE_SIZE, PAGED, PAGE_LOOKAHEAD, KEYS_AS_ROWS, i != 1,
             IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, KV_FP8, DOT_PRECISION,
         )  # fmt: skip
 
@@ -397,6 +421,7 @@ def launch_attention(
         GROUP=group,
         PAGED=paged,
         PAGE_LOOKAHEAD=paged and config.page_lookahead,
+        KEYS_AS_ROWS=config.keys_as_rows,
         IS_CAUSAL=causal,
         USE_SLIDING_WINDOW=sliding_window is not None,
         USE_SOFTCAP=bool(softcap),

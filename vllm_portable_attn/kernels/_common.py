@@ -50,19 +50,23 @@ def online_softmax_step(
     acc,  # [BLOCK_M, HEAD_PAD] fp32, unnormalised output so far
     m_i,  # [BLOCK_M] fp32, running max in log2 units
     l_i,  # [BLOCK_M] fp32, running sum of exp2(score - m_i)
-    scores,  # [BLOCK_M, TILE_N] fp32, log2 units, -inf where masked
+    scores,  # [BLOCK_M, TILE_N] fp32, -inf where masked; times `scale` gives log2 units
+    scale,  # > 0
     v,  # [TILE_N, HEAD_PAD]
     DOT_PRECISION: tl.constexpr,
 ):
     """Fold one tile of scores and values into the running (acc, m, l).
 
-    Rows with every score masked so far keep m = -inf; the max is then replaced by 0 so that
-    exp2(-inf - 0) = 0 instead of NaN, which leaves such rows at acc = 0, l = 0.
+    The scale is applied inside the exponent's fused multiply-add, not as a separate pass over
+    the tile: the row max of the raw scores times a positive scale is the max of the scaled
+    scores, exactly. Rows with every score masked so far keep m = -inf; the max is then
+    replaced by 0 so that exp2(-inf - 0) = 0 instead of NaN, which leaves such rows at
+    acc = 0, l = 0.
     """
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1) * scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - m_safe[:, None])
+    p = tl.exp2(tl.fma(scores, scale, -m_safe[:, None]))
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i

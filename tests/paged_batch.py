@@ -9,6 +9,7 @@ everywhere, so a kernel that reads the wrong page gets the wrong answer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +119,46 @@ def scatter_new_tokens(batch: PagedBatch) -> None:
     batch.value_cache[blocks, offsets] = batch.value[: len(valid)][valid].to(
         batch.value_cache.dtype
     )
+
+
+def fp8_batch(
+    batch: PagedBatch, fp8: torch.dtype, k_scale: float, v_scale: float, *, exact: bool
+) -> PagedBatch:
+    """`batch` with an fp8 cache laid out as vLLM allocates it: uint8 storage, NHD strides.
+
+    exact=True makes every new K/V value an fp8 value times its scale, so quantizing it needs
+    no rounding. Triton 3.6's interpreter rounds fp32->fp8 wrongly when rounding up crosses a
+    power of two (1.9997 -> 1.0), so CPU runs need this to compare the write exactly.
+    """
+    half = batch.head_size
+    physical = batch.kv_cache.permute(0, 2, 1, 3).float()
+    quantized = torch.cat([physical[..., :half] / k_scale, physical[..., half:] / v_scale], -1)
+    kv_cache = quantized.to(fp8).view(torch.uint8).permute(0, 2, 1, 3)
+    key_cache, value_cache = kv_cache.view(fp8).transpose(1, 2).split(half, dim=-1)
+    key, value = batch.key, batch.value
+    if exact:
+        key = ((key.float() / k_scale).to(fp8).float() * k_scale).to(key.dtype)
+        value = ((value.float() / v_scale).to(fp8).float() * v_scale).to(value.dtype)
+    return dataclasses.replace(
+        batch,
+        kv_cache=kv_cache,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        key=key,
+        value=value,
+    )
+
+
+def fp8_written_caches(
+    batch: PagedBatch, k_scale: float, v_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of an fp8 batch's caches after the step's write (x / scale), by plain indexing."""
+    fp8 = batch.key_cache.dtype
+    want_k, want_v = batch.key_cache.clone(), batch.value_cache.clone()
+    valid = batch.slot_mapping >= 0
+    slots = batch.slot_mapping[valid]
+    page_size = batch.key_cache.shape[1]
+    blocks, offsets = slots // page_size, slots % page_size
+    want_k[blocks, offsets] = (batch.key[: len(valid)][valid].float() / k_scale).to(fp8)
+    want_v[blocks, offsets] = (batch.value[: len(valid)][valid].float() / v_scale).to(fp8)
+    return want_k, want_v

@@ -15,7 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from paged_batch import PagedBatch, make_batch, scatter_new_tokens
+from paged_batch import (
+    PagedBatch,
+    fp8_batch,
+    fp8_written_caches,
+    make_batch,
+    scatter_new_tokens,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from vllm.config import CacheConfig, DeviceConfig, SchedulerConfig, VllmConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
@@ -415,34 +421,6 @@ def test_full_graph_replay_with_stale_launch_scalars(
     assert_matches(output, reference(setup, oracle), replayed.num_actual_tokens)
 
 
-def fp8_batch(
-    batch: PagedBatch, fp8: torch.dtype, k_scale: float, v_scale: float, *, exact: bool
-) -> PagedBatch:
-    """`batch` with an fp8 cache laid out as vLLM allocates it: uint8 storage, NHD strides.
-
-    exact=True makes every new K/V value an fp8 value times its scale, so quantizing it needs
-    no rounding. Triton 3.6's interpreter rounds fp32->fp8 wrongly when rounding up crosses a
-    power of two (1.9997 -> 1.0), so CPU runs need this to compare the write exactly.
-    """
-    half = batch.head_size
-    physical = batch.kv_cache.permute(0, 2, 1, 3).float()
-    quantized = torch.cat([physical[..., :half] / k_scale, physical[..., half:] / v_scale], -1)
-    kv_cache = quantized.to(fp8).view(torch.uint8).permute(0, 2, 1, 3)
-    key_cache, value_cache = kv_cache.view(fp8).transpose(1, 2).split(half, dim=-1)
-    key, value = batch.key, batch.value
-    if exact:
-        key = ((key.float() / k_scale).to(fp8).float() * k_scale).to(key.dtype)
-        value = ((value.float() / v_scale).to(fp8).float() * v_scale).to(value.dtype)
-    return dataclasses.replace(
-        batch,
-        kv_cache=kv_cache,
-        key_cache=key_cache,
-        value_cache=value_cache,
-        key=key,
-        value=value,
-    )
-
-
 def fp8_type_of(kv_cache_dtype: str) -> torch.dtype:
     """What vLLM's uint8 cache holds for an fp8 kv_cache_dtype (how FLASHINFER reads it)."""
     return torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2" else current_platform.fp8_dtype()
@@ -453,14 +431,10 @@ def run_fp8_case(
 ) -> None:
     """One step on an fp8 cache holding `fp8` values; the write and the attention checked
     against plain torch."""
-    k_scale, v_scale = setup.layer._k_scale_float, setup.layer._v_scale_float
-    want_k, want_v = batch.key_cache.clone(), batch.value_cache.clone()
-    valid = batch.slot_mapping >= 0
-    slots = batch.slot_mapping[valid]
-    page_size = batch.key_cache.shape[1]
-    blocks, offsets = slots // page_size, slots % page_size
-    want_k[blocks, offsets] = (batch.key[: len(valid)][valid].float() / k_scale).to(fp8)
-    want_v[blocks, offsets] = (batch.value[: len(valid)][valid].float() / v_scale).to(fp8)
+    assert batch.key_cache.dtype == fp8
+    want_k, want_v = fp8_written_caches(
+        batch, setup.layer._k_scale_float, setup.layer._v_scale_float
+    )
 
     md = setup.builder.build(0, common_metadata(batch, padded=True))
     assert (md.num_segments > 1) == split

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import DEVICE
 from kernel_check import run_and_check
-from paged_batch import PagedBatch, make_batch, scatter_new_tokens
+from paged_batch import PagedBatch, fp8_batch, fp8_written_caches, make_batch, scatter_new_tokens
 
 from vllm_portable_attn.kernels import (
     MAX_SPLIT_TOKENS,
@@ -134,23 +134,12 @@ def test_cache_write_fp8(fp8: torch.dtype) -> None:
     The new K/V are fp8 values times their scale, so storing them needs no rounding: Triton
     3.6's interpreter rounds fp32 -> fp8 wrongly when rounding up crosses a power of two.
     """
-    batch = cpu_batch(MIXED, num_padding_tokens=4)
+    batch = fp8_batch(cpu_batch(MIXED, num_padding_tokens=4), fp8, 0.5, 0.25, exact=True)
+    want_k, want_v = fp8_written_caches(batch, 0.5, 0.25)
+    key_cache, value_cache = batch.key_cache, batch.value_cache
     k_scale, v_scale = torch.tensor(0.5, device=DEVICE), torch.tensor(0.25, device=DEVICE)
-    key = ((batch.key.float() / k_scale).to(fp8).float() * k_scale).to(batch.key.dtype)
-    value = ((batch.value.float() / v_scale).to(fp8).float() * v_scale).to(batch.value.dtype)
-    # One fp8 allocation with K and V interleaved per slot, as vLLM lays the cache out.
-    d = batch.head_size
-    physical = batch.kv_cache.permute(0, 2, 1, 3).float()
-    physical = torch.cat([physical[..., :d] / k_scale, physical[..., d:] / v_scale], -1).to(fp8)
-    key_cache, value_cache = physical.split(d, dim=-1)
-    want_k, want_v = key_cache.clone(), value_cache.clone()
-    valid = batch.slot_mapping >= 0
-    slots = batch.slot_mapping[valid]
-    blocks, offsets = slots // key_cache.shape[1], slots % key_cache.shape[1]
-    want_k[blocks, offsets] = (key[: len(valid)][valid].float() / k_scale).to(fp8)
-    want_v[blocks, offsets] = (value[: len(valid)][valid].float() / v_scale).to(fp8)
-
-    write_kv_cache(key, value, key_cache, value_cache, batch.slot_mapping, k_scale, v_scale)
+    write_kv_cache(batch.key, batch.value, key_cache, value_cache, batch.slot_mapping, k_scale,
+                   v_scale)  # fmt: skip
     assert torch.equal(key_cache.view(torch.uint8), want_k.view(torch.uint8))
     assert torch.equal(value_cache.view(torch.uint8), want_v.view(torch.uint8))
 

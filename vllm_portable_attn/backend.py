@@ -36,11 +36,10 @@ KERNEL_BLOCK_SIZE_MULTIPLE = 16
 SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
 
 #: Minimum CUDA compute capability per feature, as the Triton compiler supports them.
-_MIN_CAPABILITY_FP8_KV = DeviceCapability(8, 9)  # fp8 / fp8_e4m3: native fp8e4nv conversions
-# fp8_e5m2: Triton 3.6 converts fp8e5 on every NVIDIA target, but below sm89 the store is
-# emulated: it rounds ties away from zero and turns |x / scale| >= 61440 into inf instead of
-# saturating, which would put inf in the cache. From sm89 the store saturates, like e4m3's.
-_MIN_CAPABILITY_FP8_E5M2_KV = DeviceCapability(8, 9)
+# Every fp8 KV cache needs sm89's native fp8 conversions. e4m3 (fp8e4nv) has none below it;
+# e5m2 is emulated there, rounding ties away from zero and storing |x / scale| >= 61440 as inf
+# instead of saturating, which would put inf in the cache.
+_MIN_CAPABILITY_FP8_KV = DeviceCapability(8, 9)
 _MIN_CAPABILITY_BF16 = DeviceCapability(8, 0)  # bf16 tensor-core dots
 # AMD GPUs with fp8 hardware that compile_check compiles our fp8 kernels for: MI300 and MI350.
 _ROCM_FP8_KV_ARCHS = ("gfx942", "gfx950")
@@ -206,19 +205,13 @@ class PortableAttentionBackend(AttentionBackend):
             return None
         if device_capability is None:
             return None
-        if is_fp8_kv:
-            min_capability = (
-                _MIN_CAPABILITY_FP8_E5M2_KV
-                if kv_cache_dtype == "fp8_e5m2"
-                else _MIN_CAPABILITY_FP8_KV
+        if is_fp8_kv and device_capability < _MIN_CAPABILITY_FP8_KV:
+            return (
+                f"kv_cache_dtype {kv_cache_dtype} needs compute capability >= "
+                f"{_MIN_CAPABILITY_FP8_KV.as_version_str()} (got "
+                f"{device_capability.as_version_str()}); supported here: "
+                f"{', '.join(_kv_cache_dtypes_for(device_capability))}"
             )
-            if device_capability < min_capability:
-                return (
-                    f"kv_cache_dtype {kv_cache_dtype} needs compute capability >= "
-                    f"{min_capability.as_version_str()} (got "
-                    f"{device_capability.as_version_str()}); supported here: "
-                    f"{', '.join(_kv_cache_dtypes_for(device_capability))}"
-                )
         uses_bf16 = dtype == torch.bfloat16 or kv_cache_dtype == "bfloat16"
         if uses_bf16 and device_capability < _MIN_CAPABILITY_BF16:
             return (
@@ -230,16 +223,11 @@ class PortableAttentionBackend(AttentionBackend):
 
 def _kv_cache_dtypes_for(capability: DeviceCapability) -> list[str]:
     """The KV-cache dtypes a CUDA GPU of this capability can use (for refusal messages)."""
-    minimum = {
-        "fp8": _MIN_CAPABILITY_FP8_KV,
-        "fp8_e4m3": _MIN_CAPABILITY_FP8_KV,
-        "fp8_e5m2": _MIN_CAPABILITY_FP8_E5M2_KV,
-        "bfloat16": _MIN_CAPABILITY_BF16,
-    }
     return [
         str(d)
         for d in PortableAttentionBackend.supported_kv_cache_dtypes
-        if d not in minimum or capability >= minimum[d]
+        if not (d.startswith("fp8") and capability < _MIN_CAPABILITY_FP8_KV)
+        and not (d == "bfloat16" and capability < _MIN_CAPABILITY_BF16)
     ]
 
 

@@ -126,15 +126,18 @@ class Target:
     fp8_dtype: torch.dtype | None  # the platform's fp8 KV-cache type; None: fp8 KV refused
     # Shared memory / LDS one program may use; Triton refuses to launch a kernel asking more.
     max_shared: int
-    fp8_e5m2: bool = False  # whether the backend accepts an fp8_e5m2 KV cache here
 
     def gpu_target(self) -> GPUTarget:
         return GPUTarget(self.backend, self.arch, self.warp_size)
 
     def cache_dtype(self, kv: str) -> torch.dtype | None:
-        """The cache element type of a scenario's fp8 dtype here; None: the backend refuses it."""
+        """The cache element type of a scenario's fp8 dtype here; None: the backend refuses it.
+
+        e5m2 follows e4m3 on NVIDIA (same capability rule) and is refused on ROCm.
+        """
         if kv == "fp8_e5m2":
-            return torch.float8_e5m2 if self.fp8_e5m2 else None
+            has_fp8 = self.backend == "cuda" and self.fp8_dtype is not None
+            return torch.float8_e5m2 if has_fp8 else None
         return self.fp8_dtype
 
 
@@ -143,7 +146,7 @@ TARGETS: dict[str, Target] = {
     for t in (
         # A100: 163 KiB of shared memory per block (opt-in); H100/H200: 227 KiB.
         Target("sm80", "cuda", 80, 32, "ampere", None, 166912),
-        Target("sm90", "cuda", 90, 32, "hopper", torch.float8_e4m3fn, 232448, fp8_e5m2=True),
+        Target("sm90", "cuda", 90, 32, "hopper", torch.float8_e4m3fn, 232448),
         # vLLM's ROCm platform uses the fnuz fp8 variant on gfx94x, OCP e4m3fn on gfx950.
         # LDS per workgroup: 64 KiB on MI300, 160 KiB on MI350.
         Target("gfx942", "hip", "gfx942", 64, "cdna", torch.float8_e4m3fnuz, 65536),

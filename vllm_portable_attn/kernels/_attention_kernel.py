@@ -117,6 +117,8 @@ def _attend_tiles(
                 )
             )  # fmt: skip
         else:
+            # The mask is built in this layout, not transposed: a transpose here would cost
+            # the decode tiles a layout conversion.
             k = tl.load(
                 key_ptr + row[None, :] * stride_k[0] + slot[None, :] * stride_k[1]
                 + offs_d[:, None],

@@ -3,14 +3,17 @@
 Each program owns one *query block* of one sequence and one KV head:
   * GQA packing: the block's rows are BLOCK_Q query tokens x every query head that reads this
     KV head, so each K/V tile is loaded once and feeds one tensor-core dot for the whole group.
-  * Static grid: `num_tokens // BLOCK_Q + num_seqs` query blocks bound sum(ceil(q_len /
-    BLOCK_Q)) without a host sync (see `find_seq_idx`); surplus programs exit at once. The grid
-    depends only on padded counts, so it is safe inside full CUDA graphs of mixed batches.
+  * Static grid: `num_query_blocks` (num_tokens // BLOCK_Q + num_seqs, or num_tokens for
+    one-token blocks) bounds sum(ceil(q_len / BLOCK_Q)) without a host sync (see
+    `find_seq_idx`); surplus programs exit at once. The grid depends only on padded counts,
+    so it is safe inside full CUDA graphs of mixed batches.
     Blocks are served in reverse order, so the longest causal blocks start first.
   * Causal with the context offset: query i of a sequence sits at position context_len + i,
     where context_len = seq_len - q_len, and sees keys at or before it.
   * Split-KV: with NUM_SEGMENTS > 1 each program covers one slice of the key range and writes
-    an unnormalised partial result that `merge_segments` (split_kv.py) combines.
+    an unnormalised partial result that `merge_segments` (split_kv.py) combines. A slice is at
+    least MIN_SEGMENT_TILES tiles, so a short sequence uses fewer slices than the grid holds;
+    the programs past its last slice only mark themselves empty.
   * Tiles fully inside the visible region skip the mask arithmetic; only the boundary tiles
     (causal diagonal, sequence end, sliding-window start) pay for it.
 
@@ -27,8 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_portable_attn.kernels._common import LOG2E, find_seq_idx, online_softmax_step, tanh
-from vllm_portable_attn.kernels.configs import AttentionConfig
+from vllm_portable_attn.kernels._common import (
+    LOG2E,
+    find_seq_idx,
+    first_block_of,
+    num_query_blocks,
+    online_softmax_step,
+    tanh,
+)
+from vllm_portable_attn.kernels.configs import MIN_SEGMENT_TILES, AttentionConfig
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace
 
 FP8_DTYPES = tuple(
@@ -199,6 +209,7 @@ def attention_kernel(
     TILE_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
+    MIN_SEGMENT_TILES: tl.constexpr,
     GROUP: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_LOOKAHEAD: tl.constexpr,
@@ -231,7 +242,7 @@ def attention_kernel(
     entry = find_seq_idx(cu_q_ptr, lo, hi, q_block_idx, BLOCK_Q)
     if entry < lo:
         return  # an empty group
-    first_block = (tl.load(cu_q_ptr + entry) - tl.load(cu_q_ptr + lo)) // BLOCK_Q + (entry - lo)
+    first_block = first_block_of(cu_q_ptr, lo, tl.load(cu_q_ptr + lo), entry, BLOCK_Q)
     q_block_local = q_block_idx - first_block
     seq = entry
     if GROUP >= 0:
@@ -254,12 +265,6 @@ def attention_kernel(
     query_pos = context_len + token_in_seq
     d_mask = offs_d < HEAD_SIZE
 
-    q = tl.load(
-        query_ptr + token[:, None] * stride_q[0] + head[:, None] * stride_q[1] + offs_d[None, :],
-        mask=row_valid[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-
     # Key range of the block, and the sub-range that every row sees without masking.
     first_pos = context_len + q_block_local * BLOCK_Q
     last_pos = context_len + tl.minimum(q_block_local * BLOCK_Q + BLOCK_Q, q_len) - 1
@@ -278,10 +283,26 @@ def attention_kernel(
     full_tile_lo = tl.minimum(tl.cdiv(full_lo, TILE_N), tile_hi)
     full_tile_hi = tl.maximum(full_hi // TILE_N, full_tile_lo)
 
-    # This program's slice of the tiles.
-    tiles_per_segment = tl.cdiv(tile_hi - tile_lo, NUM_SEGMENTS)
+    # This program's slice of the tiles. The segment count is fixed per CUDA graph, the lengths
+    # are not: a short sequence split NUM_SEGMENTS ways would give one-tile slices and programs
+    # with nothing to do, each paying a program's start and a partial result to merge
+    # (H200: 8 x 1k keys took 30 us in 16 slices, 21 us in 4).
+    tiles_per_segment = tl.maximum(tl.cdiv(tile_hi - tile_lo, NUM_SEGMENTS), MIN_SEGMENT_TILES)
     seg_lo = tl.minimum(tile_lo + segment * tiles_per_segment, tile_hi)
     seg_hi = tl.minimum(seg_lo + tiles_per_segment, tile_hi)
+    if NUM_SEGMENTS > 1:
+        if seg_lo >= seg_hi:
+            # Past the last slice (segment 0 never is): an empty partial, marked by its max.
+            stat_offset = token * stride_pm[0] + head * stride_pm[1] + segment
+            empty = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            tl.store(partial_max_ptr + stat_offset, empty, mask=row_valid)
+            return
+
+    q = tl.load(
+        query_ptr + token[:, None] * stride_q[0] + head[:, None] * stride_q[1] + offs_d[None, :],
+        mask=row_valid[:, None] & d_mask[None, :],
+        other=0.0,
+    )
 
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -391,7 +412,7 @@ def launch_attention(
             (value.stride(0), 0, value.stride(1)),
         )
 
-    grid = (num_tokens // config.block_q + num_seqs, num_kv_heads, num_segments)
+    grid = (num_query_blocks(num_tokens, num_seqs, config.block_q), num_kv_heads, num_segments)
     attention_kernel[grid](
         query, key, value, output,
         ws.partial_out if ws else placeholder,
@@ -420,6 +441,7 @@ def launch_attention(
         TILE_N=config.tile_n,
         PAGE_SIZE=key.shape[1] if paged else 1,
         NUM_SEGMENTS=num_segments,
+        MIN_SEGMENT_TILES=MIN_SEGMENT_TILES if num_segments > 1 else 1,
         GROUP=group,
         PAGED=paged,
         PAGE_LOOKAHEAD=paged and config.page_lookahead,

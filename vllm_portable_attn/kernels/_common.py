@@ -11,6 +11,31 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def first_block_of(
+    cu_q_ptr,  # [n + 1] int32, cumulative query lengths of the sequences searched
+    lo,
+    lo_start,  # cu_q[lo]
+    i,
+    BLOCK_Q: tl.constexpr,
+):
+    """The index of entry i's first query block, counting blocks from entry lo's.
+
+    With BLOCK_Q > 1 each entry owns ceil(q_len / BLOCK_Q) <= q_len // BLOCK_Q + 1 blocks, so
+    one spare block is reserved per entry: (cu_q[i] - cu_q[lo]) // BLOCK_Q + (i - lo). Blocks of
+    one query token need no spare, and the blocks are the tokens themselves.
+    """
+    start = tl.load(cu_q_ptr + i) - lo_start
+    if BLOCK_Q > 1:
+        start = start // BLOCK_Q + (i - lo)
+    return start
+
+
+def num_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    """Grid size along the query blocks: enough for any batch of these padded counts."""
+    return num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
+
+
+@triton.jit
 def find_seq_idx(
     cu_q_ptr,  # [n + 1] int32, cumulative query lengths of the sequences searched
     lo,
@@ -20,18 +45,16 @@ def find_seq_idx(
 ):
     """The entry i in [lo, hi) whose query blocks contain block `q_block_idx`; lo - 1 if none.
 
-    Entry i owns the blocks starting at (cu_q[i] - cu_q[lo]) // BLOCK_Q + (i - lo); that start
-    is non-decreasing in i, so a binary search finds the last entry whose start is <= the block.
-    The `+ (i - lo)` reserves one spare block per entry, which is why a grid of
-    `num_tokens // BLOCK_Q + num_seqs` blocks covers any batch without a host sync.
+    Entry i's blocks start at `first_block_of(i)`, which is non-decreasing in i, so a binary
+    search finds the last entry whose start is <= the block. A grid of `num_query_blocks`
+    blocks therefore covers any batch without a host sync.
     """
-    base = tl.load(cu_q_ptr + lo)
+    lo_start = tl.load(cu_q_ptr + lo)
     left = lo
     right = hi
     while left < right:
         mid = (left + right) // 2
-        start = (tl.load(cu_q_ptr + mid) - base) // BLOCK_Q + (mid - lo)
-        if start <= q_block_idx:
+        if first_block_of(cu_q_ptr, lo, lo_start, mid, BLOCK_Q) <= q_block_idx:
             left = mid + 1
         else:
             right = mid

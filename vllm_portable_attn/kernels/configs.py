@@ -24,6 +24,10 @@ MAX_SPLIT_TOKENS = 64
 TUNED_TRITON = (3, 6)
 # Upper bound on KV segments per sequence; a power of two so the reduce loads one vector.
 MAX_SEGMENTS = 32
+# Fewest key tiles per split-KV segment: a sequence too short to give every segment this many
+# uses fewer segments (H200, 8 sequences x 1k keys, 128-key tiles: 2-tile slices 21 us, 1-tile
+# 24 us, the 16-way split the policy asks for 30 us).
+MIN_SEGMENT_TILES = 2
 # Queries up to this length (decodes and speculative-decoding verify steps) use decode-shaped
 # tiles; longer ones use prefill-shaped tiles.
 MAX_DECODE_QUERY_LEN = 8

@@ -5,6 +5,7 @@ contexts. The attention kernel then splits each sequence's keys into NUM_SEGMENT
 writes, per (token, head, segment), the unnormalised output `acc`, the running max `m` (log2
 units) and the sum `l` of exp2(score - m). Merging is the usual log-sum-exp rescale:
     out = sum_s exp2(m_s - M) * acc_s / sum_s exp2(m_s - M) * l_s,   M = max_s m_s.
+A sequence too short for every segment leaves the last ones empty: they write only m = -inf.
 """
 
 from __future__ import annotations
@@ -90,13 +91,18 @@ def _merge_segments_kernel(
     offs_d = tl.arange(0, HEAD_PAD)
     stat = token * stride_pm_token + head * stride_pm_head + offs_s
     m = tl.load(partial_max_ptr + stat)
-    seg_sum = tl.load(partial_sum_ptr + stat)
+    # A segment past a short sequence's last slice wrote only its max (-inf); its sum and
+    # output partials are stale, so they are never read.
+    written = m > float("-inf")
+    seg_sum = tl.load(partial_sum_ptr + stat, mask=written, other=0.0)
     m_max = tl.max(m, axis=0)
     weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
     denom = tl.sum(weight * seg_sum, axis=0)
     acc = tl.load(
         partial_out_ptr + token * stride_po_token + head * stride_po_head
-        + offs_s[:, None] * stride_po_seg + offs_d[None, :]
+        + offs_s[:, None] * stride_po_seg + offs_d[None, :],
+        mask=written[:, None],
+        other=0.0,
     )  # fmt: skip
     out = tl.sum(acc * weight[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(

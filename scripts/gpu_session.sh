@@ -12,7 +12,7 @@
 # trimmed so the whole script ends within BUDGET seconds (default 570: the device tool stops a
 # command at 600). A failing step does not stop the next one; a step that no longer fits is
 # reported as SKIP. NAME=VALUE arguments set variables (E2E_BACKENDS, E2E_WORKLOADS, ROUTE,
-# KERNEL_CASES, BUDGET, HYP_SEED, SANITIZER_TESTS, COMMIT) before the steps run; COMMIT=<sha>
+# KERNEL_CASES, CG_CASES, BUDGET, HYP_SEED, SANITIZER_TESTS, COMMIT) before the steps run; COMMIT=<sha>
 # stamps result rows when the tree arrived without .git; HYP_SEED=<n> replays pytest_random_gpu's
 # examples of an earlier run (its log prints the seed); SANITIZER_TESTS="id id ..." replaces the
 # sanitizer's pytest node ids.
@@ -33,6 +33,8 @@
 #                                              PYTORCH_NO_CUDA_MEMORY_CACHING=1; fails on any error
 #   bench_kernels_ours      no    200     60   bench.py kernels: ours only, $KERNEL_CASES
 #   bench_kernels_ours_cg   no    200     60   the same, baseline cases, do_bench_cudagraph
+#   split_probe             no    300     60   benchmarks/split_kv_probe.py: split-KV decode, attention
+#                                              vs merge per segment count (CUDA graphs)
 #   bench_kernels_sweep     no    300     90   bench.py kernels: ours only, all cases
 #   pytest_vllm             yes   200     40   tests/test_backend.py tests/test_registration.py
 #   pytest_all              yes   480     90   the whole of tests/
@@ -51,7 +53,7 @@
 #                                              needs the nvidia-h200-x2 kind (a fresh host: p1..p3)
 #   bench_kernels           yes   240     90   bench.py kernels: portable, triton_attn, fa3; $KERNEL_CASES
 #   bench_kernels_all       yes   560    120   the same over all cases
-#   bench_kernels_cg        yes   240     90   baseline cases timed with do_bench_cudagraph
+#   bench_kernels_cg        yes   240     90   $CG_CASES (default baseline) timed with do_bench_cudagraph
 #   bench_plan              yes   300     60   bench.py plan: per-step builder / forward overhead (K7)
 #   e2e_serve               yes   330    200   e2e_check.py serve: 8B shape, compile + CUDA graphs
 #   bench_e2e_quick         yes   560    200   bench.py e2e --quick (short, long) for $E2E_BACKENDS
@@ -107,6 +109,7 @@ MIN_STEP=40
 E2E_BACKENDS=CUSTOM,FLASH_ATTN,TRITON_ATTN
 E2E_WORKLOADS=short,long,latency
 KERNEL_CASES=baseline,smoke
+CG_CASES=baseline
 ROUTE=
 HYP_SEED=
 # Kernel tests under compute-sanitizer, most telling first (a step that runs out of time loses
@@ -134,7 +137,7 @@ tests/test_kernels.py::test_gpu_block_ids_need_int64"
 STEPS=()
 for arg in "$@"; do
   case "$arg" in
-    BUDGET=* | E2E_BACKENDS=* | E2E_WORKLOADS=* | KERNEL_CASES=* | ROUTE=* | HYP_SEED=* | SANITIZER_TESTS=*)
+    BUDGET=* | E2E_BACKENDS=* | E2E_WORKLOADS=* | KERNEL_CASES=* | CG_CASES=* | ROUTE=* | HYP_SEED=* | SANITIZER_TESTS=*)
       eval "${arg%%=*}=\${arg#*=}"
       ;;
     COMMIT=*) export PORTABLE_ATTN_GIT_COMMIT=${arg#*=} ;; # when .git did not travel
@@ -462,10 +465,11 @@ step_spec() { # name -> "needs_vllm|limit|least useful time|command"
     pytest_all) echo "1|480|90|ensure_hypothesis; $PT tests/" ;;
     bench_kernels_ours) echo "0|200|60|$B kernels --providers portable,portable_grouped --cases $KERNEL_CASES --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_kernels_ours_cg) echo "0|200|60|$B kernels --providers portable,portable_grouped --cases baseline --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    split_probe) echo "0|300|60|python3 benchmarks/split_kv_probe.py --out $RESULTS" ;;
     bench_kernels_sweep) echo "0|300|90|$B kernels --providers portable,portable_grouped --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_kernels) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases $KERNEL_CASES --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_kernels_all) echo "1|560|120|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
-    bench_kernels_cg) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases baseline --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    bench_kernels_cg) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases $CG_CASES --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_plan) echo "1|300|60|$B plan --out $RESULTS" ;;
     e2e_correctness) echo "1|390|150|$E correctness $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     e2e_correctness_grouped) echo "1|300|150|$E correctness --route grouped --backends CUSTOM,TRITON_ATTN --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;

@@ -587,6 +587,39 @@ def _provider_flashinfer(inp: Inputs, args: argparse.Namespace) -> tuple[Provide
     return run, {"wrapper": "decode" if decode_only else "prefill"}
 
 
+def _provider_ws_prefill(
+    inp: Inputs, args: argparse.Namespace, config: str = "128x128x4x2", warp_specialize: bool = True
+) -> tuple[ProviderFn, dict]:
+    """The prototype in prototypes/ws_prefill.py (TMA descriptors, Hopper warp specialisation;
+    not used by the backend): fresh-prefill cases only, over the new tokens' dense K/V as the
+    grouped route's prefill reads them. `config` is BMxTNxWxS (rows, keys, warps, stages)."""
+    from prototypes.ws_prefill import ws_prefill
+
+    if inp.case.q_lens != inp.case.kv_lens:
+        raise ValueError("ws_prefill serves fresh prefills only")
+    block_m, tile_n, warps, stages = (int(x) for x in config.split("x"))
+    new_kv = _new_tokens_kv(inp)
+
+    def run(i: int, out: Any) -> None:
+        ws_prefill(
+            inp.query[i], *new_kv[i], out, inp.query_start_loc, softmax_scale=inp.scale,
+            block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages,
+            warp_specialize=warp_specialize,
+        )  # fmt: skip
+
+    return run, {"config": config, "warp_specialize": warp_specialize}
+
+
+def _register_ws_prefill(name: str) -> None:
+    """'ws_prefill[_nows][@BMxTNxWxS]' -> a provider of the prototype with that config."""
+    base, _, config = name.partition("@")
+    if base in ("ws_prefill", "ws_prefill_nows") and name not in PROVIDERS:
+        PROVIDERS[name] = functools.partial(
+            _provider_ws_prefill, config=config or "128x128x4x2",
+            warp_specialize=base == "ws_prefill",
+        )  # fmt: skip
+
+
 PROVIDERS: dict[str, Callable[[Inputs, argparse.Namespace], tuple[ProviderFn, dict]]] = {
     "portable": _provider_portable,
     "portable_grouped": _provider_portable_grouped,
@@ -707,7 +740,8 @@ def _is_fatal_cuda_error(e: BaseException) -> bool:
 
 def run_kernels(args: argparse.Namespace) -> int:
     """The ``kernels`` subcommand."""
-    geo = Geometry(args.num_heads, args.num_kv_heads, args.head_size, args.block_size, args.dtype)
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    geo = Geometry(args.num_heads, args.num_kv_heads, args.head_size, args.block_size, dtype)
     cases = select_cases(args.cases, args.max_kv_tokens)
     if args.list_cases:
         rows = [
@@ -736,6 +770,7 @@ def run_kernels(args: argparse.Namespace) -> int:
         PROVIDERS[f"portable@{spec}"] = functools.partial(_provider_portable, config=spec)
         providers.append(f"portable@{spec}")
     for p in providers:
+        _register_ws_prefill(p)
         if p not in PROVIDERS:
             raise SystemExit(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
     if args.table:
@@ -1340,7 +1375,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers",
         default="portable,triton_attn,fa3",
         help="comma list of: " + ", ".join(PROVIDERS) + " (flashinfer JIT-compiles "
-        "on first use; reference is the slow PyTorch loop, small cases only)",
+        "on first use; reference is the slow PyTorch loop, small cases only), and "
+        "ws_prefill[_nows][@BMxTNxWxS], the prototype prefill kernel with (or without) warp "
+        "specialisation (fresh-prefill cases only)",
     )
     kp.add_argument(
         "--cases",
@@ -1411,7 +1448,11 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--num-kv-heads", type=int, default=8)
     kp.add_argument("--head-size", type=int, default=128)
     kp.add_argument("--block-size", type=int, default=16)
-    kp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    kp.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 on cuda; float32 on cpu (Triton's interpreter has no bf16 math)",
+    )
     kp.add_argument(
         "--max-seconds",
         type=float,

@@ -1,0 +1,1 @@
+"""Kernel prototypes measured by bench.py; none of them is used by the backend."""

@@ -179,6 +179,35 @@ def make_setup(
     return Setup(cfg, spec, impl, layer, builder)
 
 
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """One attention geometry, shared by a test's setup and its batches (the page size is the
+    cache's block size). The default is the small GQA 4:1 model the CPU tests run."""
+
+    device: str
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_size: int = 64
+    block_size: int = 16
+    dtype: torch.dtype = torch.float16
+
+    def _common(self) -> dict:
+        return dict(
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+            dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+
+    def setup(self, **options: object) -> Setup:
+        return make_setup(block_size=self.block_size, **self._common(), **options)
+
+    def batch(self, requests: list[tuple[int, int]], **options: object) -> PagedBatch:
+        return make_batch(requests, page_size=self.block_size, **self._common(), **options)
+
+
+# Llama-3.1-8B's attention, for the GPU tests: Model(device, **LLAMA_8B).
+LLAMA_8B = dict(num_heads=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+
+
 def oracle_copy(batch: PagedBatch) -> PagedBatch:
     """The batch with its own copy of the cache, the new tokens scattered in by plain torch."""
     physical = batch.kv_cache.permute(0, 2, 1, 3).clone()
@@ -282,27 +311,9 @@ def test_mixed_batch_end_to_end(case: tuple, route: str, device: str) -> None:
     dtype, block_size, head_size, padded, features = case
     num_heads, num_kv_heads = 8, 2  # GQA 4:1
     features = materialise(features, num_heads, dtype, device)
-    setup = make_setup(
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_size=head_size,
-        block_size=block_size,
-        dtype=dtype,
-        device=device,
-        **features,
-    )
-    batch = make_batch(
-        MIXED,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_size=head_size,
-        page_size=block_size,
-        dtype=dtype,
-        device=device,
-        num_padded_requests=2,
-        num_padding_tokens=3,
-        seed=5,
-    )
+    model = Model(device, num_heads, num_kv_heads, head_size, block_size, dtype)
+    setup = model.setup(**features)
+    batch = model.batch(MIXED, num_padded_requests=2, num_padding_tokens=3, seed=5)
     oracle = oracle_copy(batch)
 
     md = setup.builder.build(0, common_metadata(batch, padded=padded))
@@ -322,15 +333,8 @@ def test_mixed_batch_end_to_end(case: tuple, route: str, device: str) -> None:
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_split_kv_decode_end_to_end(block_size: int, route: str, device: str) -> None:
     """A decode / spec-verify batch split into KV segments, padded as in FULL mode."""
-    dtype = torch.float16
-    setup = make_setup(
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        block_size=block_size,
-        dtype=dtype,
-        device=device,
-    )
+    model = Model(device, block_size=block_size)
+    setup = model.setup()
     setup.builder.num_sms = SPLIT_NUM_SMS
     assert setup.builder.workspace is not None
     for buf in (
@@ -339,18 +343,7 @@ def test_split_kv_decode_end_to_end(block_size: int, route: str, device: str) ->
         setup.builder.workspace.partial_sum,
     ):
         buf.fill_(float("nan"))
-    batch = make_batch(
-        DECODES,
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        page_size=block_size,
-        dtype=dtype,
-        device=device,
-        num_padded_requests=2,
-        num_padding_tokens=3,
-        seed=7,
-    )
+    batch = model.batch(DECODES, num_padded_requests=2, num_padding_tokens=3, seed=7)
     oracle = oracle_copy(batch)
 
     md = setup.builder.build(0, common_metadata(batch, padded=True))
@@ -368,26 +361,14 @@ def test_full_graph_replay_with_stale_launch_scalars(
     mixed batch of the same padded size: vLLM refills the persistent input buffers in place,
     while the launch keeps the scalars of capture time (max_query_len=1, split-KV segments).
     The result must still be right."""
-    dtype, block_size, num_tokens, num_reqs = torch.float16, 16, 24, 4
-    setup = make_setup(
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        block_size=block_size,
-        dtype=dtype,
-        device=device,
-    )
+    num_tokens, num_reqs = 24, 4
+    model = Model(device)
+    setup = model.setup()
     setup.builder.num_sms = SPLIT_NUM_SMS
-    shape = dict(
-        num_heads=8, num_kv_heads=2, head_size=64, page_size=block_size, dtype=dtype, device=device
+    captured = model.batch(
+        [(1, 30), (1, 7), (1, 50), (1, 3)], num_padding_tokens=num_tokens - num_reqs, seed=1
     )
-    captured = make_batch(
-        [(1, 30), (1, 7), (1, 50), (1, 3)],
-        **shape,
-        num_padding_tokens=num_tokens - num_reqs,
-        seed=1,
-    )
-    replayed = make_batch([(1, 20), (2, 9), (13, 0), (8, 33)], **shape, seed=2)
+    replayed = model.batch([(1, 20), (2, 9), (13, 0), (8, 33)], seed=2)
     assert replayed.query.shape[0] == num_tokens == captured.query.shape[0]
 
     # The runner's persistent buffers, wide enough for both batches' block tables.
@@ -454,28 +435,11 @@ def run_fp8_case(
 @pytest.mark.parametrize("split", [False, True], ids=["mixed", "split"])
 def test_fp8_kv_cache_end_to_end(kv_cache_dtype: str, split: bool, route: str, device: str) -> None:
     """fp8 KV cache at small sizes: the uint8 cache viewed as fp8, the layer's scales used."""
-    setup = make_setup(
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        block_size=16,
-        dtype=torch.float16,
-        device=device,
-        kv_cache_dtype=kv_cache_dtype,
-        fp8_scales=(0.5, 0.25),
-    )
+    model = Model(device)
+    setup = model.setup(kv_cache_dtype=kv_cache_dtype, fp8_scales=(0.5, 0.25))
     setup.builder.num_sms = SPLIT_NUM_SMS
-    batch = make_batch(
-        DECODES if split else MIXED,
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        page_size=16,
-        dtype=torch.float16,
-        device=device,
-        num_padded_requests=1,
-        num_padding_tokens=2,
-        seed=3,
+    batch = model.batch(
+        DECODES if split else MIXED, num_padded_requests=1, num_padding_tokens=2, seed=3
     )
     fp8 = fp8_type_of(kv_cache_dtype)
     batch = fp8_batch(batch, fp8, 0.5, 0.25, exact=True)
@@ -488,27 +452,9 @@ def test_fp8_kv_cache_end_to_end(kv_cache_dtype: str, split: bool, route: str, d
 def test_gpu_bf16_fp8_end_to_end(kv_cache_dtype: str, split: bool, route: str, device: str) -> None:
     """Real sizes on a GPU: bf16 model, fp8 KV cache, arbitrary (rounded) new K/V values."""
     requests = [(1, 3000), (1, 17), (4, 900)] if split else [(1, 2000), (300, 1000), (700, 0)]
-    setup = make_setup(
-        num_heads=32,
-        num_kv_heads=8,
-        head_size=128,
-        block_size=16,
-        dtype=torch.bfloat16,
-        device=device,
-        kv_cache_dtype=kv_cache_dtype,
-        fp8_scales=(0.5, 0.25),
-    )
-    batch = make_batch(
-        requests,
-        num_heads=32,
-        num_kv_heads=8,
-        head_size=128,
-        page_size=16,
-        dtype=torch.bfloat16,
-        device=device,
-        num_padded_requests=2,
-        num_padding_tokens=3,
-    )
+    model = Model(device, **LLAMA_8B)
+    setup = model.setup(kv_cache_dtype=kv_cache_dtype, fp8_scales=(0.5, 0.25))
+    batch = model.batch(requests, num_padded_requests=2, num_padding_tokens=3)
     fp8 = fp8_type_of(kv_cache_dtype)
     batch = fp8_batch(batch, fp8, 0.5, 0.25, exact=False)
     run_fp8_case(setup, batch, fp8, split=split, tolerance=TOLERANCE[torch.bfloat16])
@@ -518,9 +464,7 @@ def test_gpu_bf16_fp8_end_to_end(kv_cache_dtype: str, split: bool, route: str, d
 
 
 def test_profiling_run_without_metadata_returns_zeros(device: str) -> None:
-    setup = make_setup(
-        num_heads=4, num_kv_heads=1, head_size=32, block_size=16, dtype=torch.float16, device=device
-    )
+    setup = Model(device, num_heads=4, num_kv_heads=1, head_size=32).setup()
     query = torch.randn(5, 4, 32, dtype=torch.float16, device=device)
     output = torch.full_like(query, float("nan"))
     placeholder_cache = torch.tensor([], device=device)  # what vLLM passes while profiling
@@ -531,9 +475,7 @@ def test_profiling_run_without_metadata_returns_zeros(device: str) -> None:
 
 
 def test_fused_output_quant_is_refused(device: str) -> None:
-    setup = make_setup(
-        num_heads=4, num_kv_heads=1, head_size=32, block_size=16, dtype=torch.float16, device=device
-    )
+    setup = Model(device, num_heads=4, num_kv_heads=1, head_size=32).setup()
     query = torch.randn(2, 4, 32, dtype=torch.float16, device=device)
     with pytest.raises(NotImplementedError, match="output quantization"):
         setup.impl.forward(
@@ -566,21 +508,11 @@ def test_build_runs_no_tensor_ops(route_env: pytest.MonkeyPatch, device: str) ->
     (The grouped route's build launches a Triton kernel, which the interpreter runs through
     torch ops; test_gpu_build_never_syncs_or_allocates covers both routes on a GPU.)"""
     route_env.setenv(envs.ROUTE_ENV, "unified")
-    setup = make_setup(
-        num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
-    )
+    model = Model(device)
+    setup = model.setup()
     setup.builder.num_sms = SPLIT_NUM_SMS
     for requests in (MIXED, DECODES):
-        batch = make_batch(
-            requests,
-            num_heads=8,
-            num_kv_heads=2,
-            head_size=64,
-            page_size=16,
-            dtype=torch.float16,
-            device=device,
-            num_padded_requests=1,
-        )
+        batch = model.batch(requests, num_padded_requests=1)
         cm = common_metadata(batch, padded=True)
         with _RecordOps() as recorder:
             md = setup.builder.build(0, cm)
@@ -592,26 +524,10 @@ def test_build_runs_no_tensor_ops(route_env: pytest.MonkeyPatch, device: str) ->
 
 @pytest.mark.gpu
 def test_gpu_build_never_syncs_or_allocates(route: str, device: str) -> None:
-    setup = make_setup(
-        num_heads=32,
-        num_kv_heads=8,
-        head_size=128,
-        block_size=16,
-        dtype=torch.bfloat16,
-        device=device,
-    )
+    model = Model(device, **LLAMA_8B)
+    setup = model.setup()
     for requests in (MIXED, DECODES):
-        batch = make_batch(
-            requests,
-            num_heads=32,
-            num_kv_heads=8,
-            head_size=128,
-            page_size=16,
-            dtype=torch.bfloat16,
-            device=device,
-            num_padded_requests=2,
-            num_padding_tokens=3,
-        )
+        batch = model.batch(requests, num_padded_requests=2, num_padding_tokens=3)
         cm = common_metadata(batch, padded=True)
         setup.builder.build(0, cm)  # first call compiles the classifier (grouped route)
         torch.cuda.synchronize()
@@ -639,11 +555,9 @@ def test_grouped_build_flags_the_groups_present(
     """The host-side flags must name every group the device classifier will fill: an eager
     launch skips a group flagged empty."""
     route_env.setenv(envs.ROUTE_ENV, "grouped")
-    setup = make_setup(
-        num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
-    )
-    batch = make_batch(requests, num_heads=8, num_kv_heads=2, head_size=64, page_size=16,
-                       dtype=torch.float16, device=device, num_padded_requests=2)  # fmt: skip
+    model = Model(device)
+    setup = model.setup()
+    batch = model.batch(requests, num_padded_requests=2)
     md = setup.builder.build(0, common_metadata(batch, padded=True))
     assert md.active_groups == expected
 
@@ -652,19 +566,9 @@ def test_grouped_build_without_host_lengths_launches_every_group(
     route_env: pytest.MonkeyPatch, device: str
 ) -> None:
     route_env.setenv(envs.ROUTE_ENV, "grouped")
-    setup = make_setup(
-        num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
-    )
-    batch = make_batch(
-        [(1, 9), (4, 30)],
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        page_size=16,
-        dtype=torch.float16,
-        device=device,
-        num_padded_requests=2,
-    )
+    model = Model(device)
+    setup = model.setup()
+    batch = model.batch([(1, 9), (4, 30)], num_padded_requests=2)
     cm = common_metadata(batch, padded=True)
     for upper_bound in (None, cm.seq_lens_cpu_upper_bound[:2]):  # absent, or not padded
         md = setup.builder.build(0, dataclasses.replace(cm, seq_lens_cpu_upper_bound=upper_bound))
@@ -680,10 +584,10 @@ def test_grouped_build_under_adaptive_verification_launches_every_group(
     host flags the extend group would be skipped and its rows left unwritten."""
     route_env.setenv(envs.ROUTE_ENV, "grouped")
     route_env.setattr(plan_module, "adaptive_verification_enabled", lambda cfg: True)
-    shape = dict(num_heads=8, num_kv_heads=2, head_size=64, dtype=torch.float16, device=device)
-    setup = make_setup(block_size=16, **shape)
+    model = Model(device)
+    setup = model.setup()
     assert not setup.builder.host_lengths_exact
-    batch = make_batch([(1, 30), (9, 40)], page_size=16, num_padded_requests=1, seed=3, **shape)
+    batch = model.batch([(1, 30), (9, 40)], num_padded_requests=1, seed=3)
     host_q_lens = [5, 5, 0]  # what the host believes: the same 10 tokens, evenly spread
     cm = dataclasses.replace(
         common_metadata(batch, padded=True),
@@ -735,10 +639,11 @@ def test_every_vllm_kv_cache_layout(layout_name: str, route: str, device: str) -
 
     assert PortableAttentionBackend.supported_kv_cache_layouts() is None
     layout = _compat.KVCacheLayout[layout_name]
-    shape = dict(num_heads=8, num_kv_heads=2, head_size=64, dtype=torch.float16, device=device)
-    setup = make_setup(block_size=16, **shape)
-    batch = make_batch([(1, 16), (5, 1), (17, 0), (20, 40)], page_size=16,
-                       num_padded_requests=1, num_padding_tokens=2, seed=9, **shape)  # fmt: skip
+    model = Model(device)
+    setup = model.setup()
+    batch = model.batch(
+        [(1, 16), (5, 1), (17, 0), (20, 40)], num_padded_requests=1, num_padding_tokens=2, seed=9
+    )
     num_blocks = batch.kv_cache.shape[0]
     layers = ["model.layers.1.self_attn.attn", LAYER]
     layer_stride, block_stride, *_ = compute_layout_strides(
@@ -770,27 +675,10 @@ def test_every_vllm_kv_cache_layout(layout_name: str, route: str, device: str) -
 def test_kv_sharing_layer_reads_the_cache_not_its_own_kv(route: str, device: str) -> None:
     """A layer sharing another layer's cache (kv_sharing_target_layer_name) gets key/value
     that were never written to the cache; attention must come from the cache alone."""
-    setup = make_setup(
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=32,
-        block_size=16,
-        dtype=torch.float32,
-        device=device,
-    )
+    model = Model(device, head_size=32, dtype=torch.float32)
+    setup = model.setup()
     setup.impl.kv_sharing_target_layer_name = "model.layers.0.self_attn.attn"
-    batch = make_batch(
-        MIXED,
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=32,
-        page_size=16,
-        dtype=torch.float32,
-        device=device,
-        num_padded_requests=1,
-        num_padding_tokens=2,
-        seed=9,
-    )
+    batch = model.batch(MIXED, num_padded_requests=1, num_padding_tokens=2, seed=9)
     oracle = oracle_copy(batch)
     batch.kv_cache.copy_(oracle.kv_cache)  # the target layer wrote this step's K/V already
     md = setup.builder.build(0, common_metadata(batch, padded=True))
@@ -804,28 +692,17 @@ def test_kv_sharing_layer_reads_the_cache_not_its_own_kv(route: str, device: str
 
 def test_segment_choice_depends_on_padded_counts_only(device: str) -> None:
     """Two steps with the same padded shape but different lengths get the same plan."""
-    setup = make_setup(
-        num_heads=8, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16, device=device
-    )
+    model = Model(device)
+    setup = model.setup()
     setup.builder.num_sms = SPLIT_NUM_SMS
-    shape = dict(
-        num_heads=8, num_kv_heads=2, head_size=64, page_size=16, dtype=torch.float16, device=device
-    )
-    a = make_batch([(1, 5), (1, 300), (1, 2)], **shape, num_padding_tokens=5)
-    b = make_batch([(1, 900), (1, 1), (1, 64)], **shape, num_padding_tokens=5)
+    a = model.batch([(1, 5), (1, 300), (1, 2)], num_padding_tokens=5)
+    b = model.batch([(1, 900), (1, 1), (1, 64)], num_padding_tokens=5)
     plans = [setup.builder.build(0, common_metadata(x, padded=True)).num_segments for x in (a, b)]
     assert plans[0] == plans[1] > 1
 
 
 def test_builder_reads_head_counts_without_model_config(device: str) -> None:
-    setup = make_setup(
-        num_heads=12,
-        num_kv_heads=3,
-        head_size=64,
-        block_size=16,
-        dtype=torch.float16,
-        device=device,
-    )
+    setup = Model(device, num_heads=12, num_kv_heads=3).setup()
     assert setup.cfg.model_config is None
     assert setup.builder.num_heads == 12 and setup.builder.num_kv_heads == 3
     assert setup.builder.workspace.partial_max.shape[1] == 12
@@ -849,43 +726,19 @@ def plan_log() -> Iterator[list[logging.LogRecord]]:
 def test_unknown_query_heads_disable_split_with_a_warning(
     device: str, plan_log: list[logging.LogRecord]
 ) -> None:
-    setup = make_setup(
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        block_size=16,
-        dtype=torch.float16,
-        device=device,
-        register_layer=False,
-    )
+    model = Model(device)
+    setup = model.setup(register_layer=False)
     assert setup.builder.num_heads is None and setup.builder.workspace is None
     assert any("split-KV decode is disabled" in r.getMessage() for r in plan_log)
     setup.builder.num_sms = SPLIT_NUM_SMS
-    batch = make_batch(
-        DECODES,
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        page_size=16,
-        dtype=torch.float16,
-        device=device,
-    )
+    batch = model.batch(DECODES)
     assert setup.builder.build(0, common_metadata(batch, padded=False)).num_segments == 1
 
 
 def test_builder_rejects_cascade_and_non_causal(device: str) -> None:
-    setup = make_setup(
-        num_heads=4, num_kv_heads=1, head_size=32, block_size=16, dtype=torch.float16, device=device
-    )
-    batch = make_batch(
-        [(3, 4)],
-        num_heads=4,
-        num_kv_heads=1,
-        head_size=32,
-        page_size=16,
-        dtype=torch.float16,
-        device=device,
-    )
+    model = Model(device, num_heads=4, num_kv_heads=1, head_size=32)
+    setup = model.setup()
+    batch = model.batch([(3, 4)])
     cm = common_metadata(batch, padded=False)
     with pytest.raises(ValueError, match="cascade"):
         setup.builder.build(16, cm)
@@ -1007,14 +860,7 @@ def test_builder_follows_the_route(
 ) -> None:
     route_env.setenv(envs.ROUTE_ENV, value)
     route_env.setattr(torch.version, "hip", hip)
-    setup = make_setup(
-        num_heads=4,
-        num_kv_heads=1,
-        head_size=32,
-        block_size=16,
-        dtype=torch.float16,
-        device=device,
-    )
+    setup = Model(device, num_heads=4, num_kv_heads=1, head_size=32).setup()
     expected = "unified" if value == "unified" else "grouped"
     assert setup.builder.route == expected
     assert (setup.builder.request_groups is not None) == (expected == "grouped")

@@ -6,10 +6,10 @@ times our unified route at several segment counts (the split policy's own and a 
 ones), and for each split also the attention launch alone and the merge alone. ``--min-tiles``
 overrides `configs.MIN_SEGMENT_TILES` (the fewest key tiles per segment) for a sweep.
 
-Each measurement runs LAYERS copies back to back, each with its own cache (as a model's layers
-are), inside one CUDA graph (`triton.testing.do_bench_cudagraph`), so the K/V bytes come from
-HBM as in serving; times are per copy. Rows (stamped like bench.py's) go to ``--out``; a table
-goes to stdout. CUDA only.
+Each measurement runs several copies back to back, each with its own pages (as a model's
+layers have their own caches), inside one CUDA graph (`triton.testing.do_bench_cudagraph`), so
+the K/V bytes come from HBM as in serving; times are per copy. Rows (stamped like bench.py's)
+go to ``--out``; a table goes to stdout. CUDA only.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (needs the line above; also puts the repo root on sys.path)
+import bench  # noqa: E402  (its Case, Geometry and Inputs build the paged batches)
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, PAGE_SIZE = 32, 8, 128, 16
 # (batch, context): the decode shapes of goal K2 and the small batches of short contexts that
@@ -32,26 +32,9 @@ COPIES_BYTES = 512 << 20
 MAX_COPIES = 16
 
 
-def _layers(batch: int, context: int, device: str, dtype: Any) -> list[tuple[Any, ...]]:
-    """Copies of (query, key cache, value cache, block table), each with its own pages."""
-    import torch
-
-    pages = -(-context // PAGE_SIZE)
-    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_SIZE * 4
-    copies = max(1, min(MAX_COPIES, COPIES_BYTES // kv_bytes))
-    layers = []
-    for _ in range(copies):
-        physical = torch.randn(
-            batch * pages + 1, PAGE_SIZE, NUM_KV_HEADS, 2 * HEAD_SIZE, device=device, dtype=dtype
-        )
-        table = torch.randperm(batch * pages, device=device) + 1
-        query = torch.randn(batch, NUM_HEADS, HEAD_SIZE, device=device, dtype=dtype)
-        key, value = physical[..., :HEAD_SIZE], physical[..., HEAD_SIZE:]
-        layers.append((query, key, value, table.int().view(batch, -1)))
-    return layers
-
-
-def probe_case(batch: int, context: int, min_tiles: list[int], rep_ms: int) -> list[dict]:
+def probe_case(
+    batch: int, context: int, min_tiles: list[int], rep_ms: int, device: str = "cuda"
+) -> list[dict]:
     """Rows for one (batch, context): every (min tiles, segment count) pair worth timing."""
     import torch
     from triton.testing import do_bench_cudagraph
@@ -65,11 +48,17 @@ def probe_case(batch: int, context: int, min_tiles: list[int], rep_ms: int) -> l
     from vllm_portable_attn.kernels import _attention_kernel as kernel_module
     from vllm_portable_attn.kernels.configs import attention_config, launch_shape
 
-    device, dtype = "cuda", torch.bfloat16
-    layers = _layers(batch, context, device, dtype)
-    outputs = [torch.empty_like(layer[0]) for layer in layers]
-    query_start_loc = torch.arange(batch + 1, device=device, dtype=torch.int32)
-    seq_lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+    case = bench.Case(f"decode_b{batch}_ctx{context}", "decode", (1,) * batch, (context,) * batch)
+    geo = bench.Geometry(NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, PAGE_SIZE, "bfloat16")
+    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_SIZE * 2 * geo.elem_bytes
+    # One copy per "layer", each with its own pages of one cache.
+    inp = bench.Inputs(case, geo, max(1, min(MAX_COPIES, COPIES_BYTES // kv_bytes)), 0, device)
+    layers = [
+        (inp.query[i], inp.key_cache, inp.value_cache, inp.block_tables[i])
+        for i in range(inp.copies)
+    ]
+    outputs = inp.new_outputs()
+    query_start_loc, seq_lens = inp.query_start_loc, inp.seq_lens
     workspace = SplitKVWorkspace.allocate(64, NUM_HEADS, HEAD_SIZE, 32, device)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     policy = choose_num_segments(batch, batch, 1, NUM_KV_HEADS, num_sms)
@@ -123,7 +112,6 @@ def probe_case(batch: int, context: int, min_tiles: list[int], rep_ms: int) -> l
                 if segments > 1:
                     row["attention_us"] = per_copy_us(attention(segments, merge=False))
                     row["merge_us"] = per_copy_us(merge_only(segments))
-                kv_bytes = batch * context * NUM_KV_HEADS * HEAD_SIZE * 2 * 2
                 row["tbps"] = kv_bytes / row["total_us"] / 1e6
                 rows.append(row)
     finally:

@@ -127,8 +127,8 @@ def ws_prefill(
     """
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key.shape[1]
-    if head_size != triton.next_power_of_2(head_size):
-        raise ValueError("the prototype needs a power-of-two head size")
+    if head_size != triton.next_power_of_2(head_size) or num_heads % num_kv_heads:
+        raise ValueError("the prototype needs a power-of-two head size and whole GQA groups")
     for t in (query, key, value):
         if t.stride(2) != 1 or t.stride(1) != head_size or (t.stride(0) * t.element_size()) % 16:
             raise ValueError("TMA here needs [tokens, heads, head] with heads contiguous and "

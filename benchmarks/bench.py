@@ -587,8 +587,15 @@ def _provider_flashinfer(inp: Inputs, args: argparse.Namespace) -> tuple[Provide
     return run, {"wrapper": "decode" if decode_only else "prefill"}
 
 
+# The prototype's default tile: it warp-specialises on sm90 without spills (NOTES.md).
+WS_PREFILL_CONFIG = "128x128x4x2"
+
+
 def _provider_ws_prefill(
-    inp: Inputs, args: argparse.Namespace, config: str = "128x128x4x2", warp_specialize: bool = True
+    inp: Inputs,
+    args: argparse.Namespace,
+    config: str = WS_PREFILL_CONFIG,
+    warp_specialize: bool = True,
 ) -> tuple[ProviderFn, dict]:
     """The prototype in prototypes/ws_prefill.py (TMA descriptors, Hopper warp specialisation;
     not used by the backend): fresh-prefill cases only, over the new tokens' dense K/V as the
@@ -615,7 +622,7 @@ def _register_ws_prefill(name: str) -> None:
     base, _, config = name.partition("@")
     if base in ("ws_prefill", "ws_prefill_nows") and name not in PROVIDERS:
         PROVIDERS[name] = functools.partial(
-            _provider_ws_prefill, config=config or "128x128x4x2",
+            _provider_ws_prefill, config=config or WS_PREFILL_CONFIG,
             warp_specialize=base == "ws_prefill",
         )  # fmt: skip
 

@@ -35,12 +35,14 @@ def run_and_check(
     provider: str = "unified",
     num_segments: int = 1,
     fp8: torch.dtype | None = None,
+    tma_prefill: bool = True,
     **features: object,
 ) -> None:
     """Run `provider` ("unified" or "grouped") and the reference; compare the real tokens.
 
     fp8: an fp8 type (torch.float8_e4m3fn, torch.float8_e5m2, ...) to quantize the cache to,
     x / scale with per-tensor scales as the backend stores it; None keeps the batch's dtype.
+    tma_prefill: False keeps the grouped route's fresh prefills off the TMA kernel.
     """
     scatter_new_tokens(batch)  # the grouped route's prefills read the new K/V directly
     key_cache, value_cache, scales = batch.key_cache, batch.value_cache, {}
@@ -78,7 +80,7 @@ def run_and_check(
         groups.seq_order.fill_(-7)  # poison: every real entry must be overwritten
         classify_requests(batch.query_start_loc, batch.seq_lens, groups, MAX_DECODE_QUERY_LEN)
         grouped_attention(batch.query, batch.key, batch.value, *paged, out, *lengths, groups,
-                          **split, **common)  # fmt: skip
+                          allow_tma_prefill=tma_prefill, **split, **common)  # fmt: skip
     else:
         raise ValueError(f"unknown provider {provider!r}")
     ref = torch.full_like(batch.query, float("nan"), dtype=torch.float64)

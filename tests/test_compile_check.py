@@ -138,6 +138,25 @@ def test_binding_follows_each_target() -> None:
     assert not found["sm90"]["query_range"]
 
 
+def test_tma_prefill_is_compiled_for_sm90_only() -> None:
+    """Long fresh prefills take the TMA prefill on sm_90 (host tensor descriptors); the other
+    targets have no row for it and keep the portable dense prefill."""
+    found = _python(
+        """
+        import json
+        from vllm_portable_attn import compile_check as cc
+        sc = [cc.Scenario("grouped", max_query_len=8192)]
+        jobs = cc.collect_jobs(sc, [cc.TARGETS[t] for t in cc.available_targets()])
+        out = {}
+        for j in jobs:
+            if j.kernel == "_tma_prefill_kernel":
+                out[j.target] = [j.signature["query_desc"], j.signature["key_desc"]]
+        print(json.dumps(out))
+        """
+    )
+    assert found == {"sm90": ["tensordesc<bf16[128, 128]>", "tensordesc<bf16[128, 128]>"]}
+
+
 def test_e5m2_cache_is_compiled_for_nvidia_only() -> None:
     """fp8_e5m2: an e5m2 cache on sm90; sm80 and AMD skip it (the backend refuses it there)."""
     found = _python(

@@ -23,6 +23,8 @@ from vllm_portable_attn.kernels import (
     RequestGroups,
     classify_requests,
 )
+from vllm_portable_attn.kernels import grouped as grouped_module
+from vllm_portable_attn.kernels.configs import tma_prefill_config
 
 DECODES = [(1, 33), (1, 7), (4, 20)]  # (query_len, context_len); q 4 is a spec-verify step
 EXTENDS = [(40, 17), (9, 100)]  # chunked-prefill continuations / prefix-cache hits
@@ -69,9 +71,30 @@ def batch(requests: list[tuple[int, int]], **overrides: object):
     return make_batch(requests, **kwargs)
 
 
+@pytest.mark.parametrize("tma_prefill", [True, False], ids=["tma", "portable"])
 @pytest.mark.parametrize("order", ORDERS)
-def test_grouped_matches_reference(order: str) -> None:
-    run_and_check(batch(ORDERS[order]), provider="grouped")
+def test_grouped_matches_reference(order: str, tma_prefill: bool) -> None:
+    """Fresh prefills through the TMA kernel (the interpreter's table has no minimum size) and
+    through the portable dense kernel."""
+    run_and_check(batch(ORDERS[order]), provider="grouped", tma_prefill=tma_prefill)
+
+
+def test_prefill_group_takes_the_tma_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatch itself: eligible fresh prefills go to the TMA kernel, once per call; a
+    score modifier or a non-16-bit dtype keeps them on the portable kernel."""
+    calls = []
+
+    def record(*args: object, **kwargs: object) -> None:
+        calls.append(kwargs["group"])
+        original(*args, **kwargs)
+
+    original = grouped_module.tma_prefill_attention
+    monkeypatch.setattr(grouped_module, "tma_prefill_attention", record)
+    run_and_check(batch(v1_order()), provider="grouped")
+    assert calls == [GROUP_PREFILL]
+    run_and_check(batch(v1_order()), provider="grouped", softcap=3.0)
+    run_and_check(batch(v1_order(), dtype=torch.float32), provider="grouped")
+    assert calls == [GROUP_PREFILL]
 
 
 @pytest.mark.parametrize("provider", ["unified", "grouped"])
@@ -175,6 +198,31 @@ def test_gpu_grouped_features(features: dict) -> None:
     if features.get("sinks"):
         features = dict(sinks=torch.randn(32, device="cuda"))
     run_and_check(b, provider="grouped", **features)
+
+
+# Enough prefill work for the TMA prefill's minimum grid on sm_90 (8k tokens x 32 heads / 128
+# rows = 2048 programs), with decodes and an extend in the same batch.
+GPU_TMA_BATCH = [(1, 3000), (5000, 0), (1, 70), (300, 4000), (2500, 0), (129, 0), (6, 900)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma_prefill", [True, False], ids=["tma", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_grouped_large_prefills(tma_prefill: bool, dtype: torch.dtype) -> None:
+    b = make_batch(
+        GPU_TMA_BATCH,
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        page_size=16,
+        dtype=dtype,
+        device="cuda",
+        num_padded_requests=2,
+        num_padding_tokens=4,
+    )
+    if tma_prefill and torch.cuda.get_device_capability()[0] == 9:
+        assert tma_prefill_config(b.query.shape[0], 32) is not None, "not the TMA kernel's size"
+    run_and_check(b, provider="grouped", tma_prefill=tma_prefill)
 
 
 @pytest.mark.gpu

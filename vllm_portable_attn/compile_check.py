@@ -19,8 +19,8 @@ Which specialisations: every constexpr combination is thousands of compiles, so 
 supported head size, each dtype and the fp8 KV caches (e4m3, e5m2), GQA 1 / 3 / 8, page 64,
 decode, spec-verify and prefill-shaped tiles, split-KV with its merge, each feature switch
 alone and all together, both routes (the grouped route's decode / extend / dense and paged
-prefill launches), the cache writer and the classifier: about 250 unique compiles, 6 minutes
-on two cores. `--quick` compiles each kernel and route once (about 30, under half a minute);
+prefill launches, and the TMA prefill that long prefills take on sm_90), the cache writer and
+the classifier: about 265 unique compiles, 6 minutes on two cores. `--quick` compiles each kernel and route once (about 30, under half a minute);
 `--full` widens every sweep (about 1500, for a machine with many cores).
 
 How the specialisations are found (no hand-written signatures): the real public launchers
@@ -103,7 +103,7 @@ from vllm_portable_attn.kernels.unified import unified_attention
 HEAD_SIZES: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 256)
 
 #: Kernels whose spills fail the check: they run in every layer of every step.
-HOT_KERNELS = frozenset({"attention_kernel", "_merge_segments_kernel"})
+HOT_KERNELS = frozenset({"attention_kernel", "_merge_segments_kernel", "_tma_prefill_kernel"})
 
 #: Hot-path spills are fatal with the Triton release the config tables were tuned with; with
 #: another one they are reported as SPILL(untuned) (a retuning job, not a broken build).
@@ -219,10 +219,13 @@ def quick_scenarios() -> list[Scenario]:
     return [
         Scenario("unified", max_query_len=1, num_segments=8),
         Scenario("grouped", max_query_len=512),
+        Scenario("grouped", max_query_len=_LONG_PREFILL),
     ]
 
 
 _MIXED = 512  # a max_query_len that makes a batch prefill-shaped (mixed)
+# A batch with enough prefill tokens for the TMA prefill's minimum grid (sm_90 only).
+_LONG_PREFILL = 8192
 _ALL_FEATURES: dict[str, Any] = {
     "sliding_window": 4096,
     "softcap": 30.0,
@@ -256,6 +259,10 @@ def default_scenarios() -> list[Scenario]:
     s += [grouped, Scenario("grouped", num_segments=8)]
     s += [replace(grouped, dtype=t) for t in _FP8_KV]
     s += [replace(grouped, **_ALL_FEATURES), replace(grouped, kv_sharing=True)]
+    # Long prefills: the TMA prefill on sm_90 at each head size it serves, in both 16-bit types.
+    long_prefill = replace(grouped, max_query_len=_LONG_PREFILL)
+    s += [replace(long_prefill, head_size=d) for d in (64, 128)]
+    s += [replace(long_prefill, dtype="fp16")]
     # AMD marks caches under 2 GiB (small models / GPUs) for buffer ops: the other variant.
     s += [replace(mixed, large_cache=False)]
     return s

@@ -42,22 +42,35 @@ def find_seq_idx(
     hi,
     q_block_idx,
     BLOCK_Q: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr = 0,
 ):
     """The entry i in [lo, hi) whose query blocks contain block `q_block_idx`; lo - 1 if none.
 
     Entry i's blocks start at `first_block_of(i)`, which is non-decreasing in i, so a binary
     search finds the last entry whose start is <= the block. A grid of `num_query_blocks`
     blocks therefore covers any batch without a host sync.
+
+    SEARCH_STEPS = 0 loops until the range is empty. A positive count unrolls that many halvings
+    instead (enough when hi - lo < 2**SEARCH_STEPS): Triton 3.6's sm_90 warp specialisation
+    silently gives up on a kernel that has a `while` loop (tma_prefill.py).
     """
     lo_start = tl.load(cu_q_ptr + lo)
     left = lo
     right = hi
-    while left < right:
-        mid = (left + right) // 2
-        if first_block_of(cu_q_ptr, lo, lo_start, mid, BLOCK_Q) <= q_block_idx:
-            left = mid + 1
-        else:
-            right = mid
+    if SEARCH_STEPS == 0:
+        while left < right:
+            mid = (left + right) // 2
+            if first_block_of(cu_q_ptr, lo, lo_start, mid, BLOCK_Q) <= q_block_idx:
+                left = mid + 1
+            else:
+                right = mid
+    else:
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (left + right) // 2
+            searching = left < right
+            go_right = first_block_of(cu_q_ptr, lo, lo_start, mid, BLOCK_Q) <= q_block_idx
+            left = tl.where(searching & go_right, mid + 1, left)
+            right = tl.where(searching & ~go_right, mid, right)
     return left - 1
 
 

@@ -117,6 +117,46 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
 }
 
 
+# The TMA prefill (tma_prefill.py) per architecture: (rows, keys, warps, stages) and the fewest
+# programs (query blocks x query heads, from padded counts) for which it beats the portable
+# dense prefill. Only sm_90 has a row: its tile is what Triton 3.6 warp-specialises there (4
+# warps become 12, 2 stages: 180 KiB of shared memory; 128x64 tiles were 4-5% slower; three
+# stages gave NaN outputs). H200, Llama-8B heads, against the portable dense prefill: 2048
+# programs and more 9-12% faster, 1024 even (1 x 4k), 512 6% slower (1 x 2k). The interpreter
+# row, with no minimum, lets CPU tests run it on every eligible prefill group.
+_TMA_PREFILL: dict[str, tuple[tuple[int, int, int, int], int]] = {
+    "hopper": ((128, 128, 4, 2), 1024),
+    "interpreter": ((16, 16, 4, 1), 0),
+}
+# Head sizes the TMA prefill was compiled and checked for (the tile holds 180 KiB at 128).
+TMA_PREFILL_HEAD_SIZES = (32, 64, 128)
+
+
+def tma_prefill_config(num_tokens: int, num_heads: int) -> AttentionConfig | None:
+    """The TMA prefill's tile for a launch of this padded size, or None where it does not pay
+    (too few programs) or does not exist (no row for this architecture, or not sm_90: the tile
+    and Triton's warp specialisation were measured there only).
+
+    Callers check the rest of its scope: causal, no score modifiers, an unquantised dense K/V
+    of a TMA_PREFILL_HEAD_SIZES head size and 16-bit dtype (`tma_prefill_fits`).
+    """
+    arch = _arch()
+    if arch not in _TMA_PREFILL or (arch == "hopper" and not _is_sm90()):
+        return None
+    (rows, tile_n, num_warps, num_stages), min_programs = _TMA_PREFILL[arch]
+    if (num_tokens // rows) * num_heads < min_programs:
+        return None
+    return AttentionConfig(rows, rows, tile_n, num_warps, num_stages)
+
+
+def _is_sm90() -> bool:
+    """Hopper proper: compute capability 9.x (the 'hopper' rows also serve newer NVIDIA GPUs).
+    Without a GPU (compile_check models an sm_90 target), the table row decides."""
+    if not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability()[0] == 9
+
+
 def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False) -> str:
     """The table row for a launch: from host-side counts that are fixed per CUDA graph."""
     if max_query_len > MAX_DECODE_QUERY_LEN:

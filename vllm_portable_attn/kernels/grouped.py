@@ -5,7 +5,9 @@ then runs, in this order:
   decode   paged keys, decode-shaped tiles (one program holds every query of a spec-verify
            step), split-KV when the batch is small, then the segment merge;
   extend   paged keys, prefill-shaped tiles over the cached context plus the causal suffix;
-  prefill  the new tokens' own K/V, dense and contiguous: no block-table lookups at all.
+  prefill  the new tokens' own K/V, dense and contiguous: no block-table lookups at all. On
+           sm_90, large enough plain causal prefills run through TMA copies and warp
+           specialisation instead (tma_prefill.py); elsewhere the portable kernel does.
 Every launch covers the whole batch's static grid and its programs look up their group's slice
 of the sorted index list on the device, so the grids depend only on padded counts and every
 launch is safe to capture in a full CUDA graph. All three always launch; a program of an empty
@@ -29,11 +31,15 @@ from vllm_portable_attn.kernels.classify import (
 )
 from vllm_portable_attn.kernels.configs import (
     MAX_DECODE_QUERY_LEN,
+    TMA_PREFILL_HEAD_SIZES,
+    AttentionConfig,
     attention_config,
     count_score_features,
     launch_shape,
+    tma_prefill_config,
 )
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
+from vllm_portable_attn.kernels.tma_prefill import tma_prefill_attention, tma_prefill_fits
 from vllm_portable_attn.kernels.unified import (
     head_pad,
     queries_per_kv_pad,
@@ -67,6 +73,7 @@ def grouped_attention(
     num_segments: int = 1,
     workspace: SplitKVWorkspace | None = None,
     active_groups: tuple[bool, bool, bool] | None = None,
+    allow_tma_prefill: bool = True,
 ) -> None:
     """Paged attention over a mixed batch through per-group kernels, into `output` in place.
 
@@ -80,6 +87,8 @@ def grouped_attention(
         active_groups: (decode, extend, prefill) flags known on the host; a False group is not
             launched. None launches all three, as a CUDA-graph capture must (the captured
             launches serve every later batch of that size).
+        allow_tma_prefill: False keeps fresh prefills on the portable kernel where the TMA
+            prefill would apply (benchmarks compare the two).
     """
     del max_seq_len
     validate_attention_inputs(query, key_cache, value_cache, output, k_scale, v_scale)
@@ -97,6 +106,9 @@ def grouped_attention(
     prefill_cfg = attention_config(
         pad_d, pad_q, max_query_len, "prefill_dense" if dense_prefill else "prefill", elem, mods
     )
+    tma_cfg = None
+    if dense_prefill and allow_tma_prefill and mods == 0 and causal:
+        tma_cfg = _tma_prefill_config(query, key, value)
     features = dict(
         softmax_scale=softmax_scale, causal=causal, sliding_window=sliding_window,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
@@ -112,8 +124,23 @@ def grouped_attention(
             merge_segments(output, workspace, query_start_loc, num_segments)
     if run_extend:
         launch_attention(*paged, config=extend_cfg, group=GROUP_EXTEND, **features)
-    if run_prefill and dense_prefill:
+    if run_prefill and tma_cfg is not None:
+        tma_prefill_attention(query, key, value, output, query_start_loc, groups.as_tuple(),
+                              group=GROUP_PREFILL, softmax_scale=softmax_scale,
+                              config=tma_cfg)  # fmt: skip
+    elif run_prefill and dense_prefill:
         launch_attention(query, key, value, output, query_start_loc, seq_lens, None,
                          config=prefill_cfg, group=GROUP_PREFILL, **features)  # fmt: skip
     elif run_prefill:
         launch_attention(*paged, config=prefill_cfg, group=GROUP_PREFILL, **features)
+
+
+def _tma_prefill_config(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> AttentionConfig | None:
+    """The TMA prefill's config if it serves this launch (see `configs.tma_prefill_config`)."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if query.shape[2] not in TMA_PREFILL_HEAD_SIZES or not tma_prefill_fits(query, key, value):
+        return None
+    return tma_prefill_config(query.shape[0], query.shape[1])

@@ -1,0 +1,168 @@
+"""Fresh causal prefills on Hopper: TMA tiles and Triton's automatic warp specialisation.
+
+The grouped route's prefill group reads the new tokens' own K/V, dense and contiguous, which is
+what TMA copies want. Marked `tl.range(..., warp_specialize=True)` and fed by tensor
+descriptors, the key loop compiles on sm_90 into FA3's layout: one producer warp group issuing
+the TMA copies and two consumer warp groups of 64 query rows each (12 warps, 168 registers, no
+spills), so the QK and PV dots of one consumer overlap the other's softmax. H200, Llama-8B
+heads, against the portable dense-prefill kernel: 8k prefill 1283 -> 1169 us, 4 x 4k 1401 ->
+1249, 16 x 1k 538 -> 487; slower below about 1024 programs (1 x 2k: 123 -> 131), hence
+`configs.tma_prefill_config`'s minimum grid (benchmarks/NOTES.md, session E).
+
+What Triton 3.6's sm_90 pass accepts shapes this kernel: no early return and no `while` loop
+anywhere (so `find_seq_idx` runs unrolled, a fixed number of halvings), no reduction before the
+key loop (a vector search over the group's block starts failed the pass), one key loop with the
+causal mask on every tile (an `if` for the diagonal tiles turns the specialisation off), 4 warps
+and 2 stages. A surplus program runs an empty loop and stores nothing. Query heads are not
+packed per KV head (a packed Q box would be wider than TMA's 256 elements): one program is one
+query head x BLOCK_M tokens, and the programs of a GQA group read the same K/V tiles from L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from vllm_portable_attn.kernels._common import (
+    LOG2E,
+    find_seq_idx,
+    first_block_of,
+    num_query_blocks,
+    online_softmax_step,
+)
+from vllm_portable_attn.kernels.configs import AttentionConfig
+
+
+@triton.jit
+def _tma_prefill_kernel(
+    query_desc,  # query as [num_tokens, num_heads * HEAD], tiles [BLOCK_M, HEAD]
+    key_desc,  # new keys as [num_tokens, num_kv_heads * HEAD], tiles [TILE_N, HEAD]
+    value_desc,  # new values, likewise
+    output_ptr,  # [num_tokens, num_heads, HEAD]
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_order_ptr,  # [capacity] int32, request ids sorted by group
+    order_cu_q_ptr,  # [capacity + 1] int32, cumulative query lengths in that order
+    group_bounds_ptr,  # [num_groups + 1] int32, each group's first entry in the order
+    softmax_scale,
+    stride_o_token,
+    stride_o_head,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,  # binary-search halvings that cover the classifier's capacity
+):
+    # Longest causal blocks first, as in the portable kernel (surplus programs come first).
+    q_block_idx = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // QUERIES_PER_KV
+
+    # Which prefill, and which of its query blocks (the portable kernel's search, unrolled).
+    lo = tl.load(group_bounds_ptr + GROUP)
+    hi = tl.load(group_bounds_ptr + GROUP + 1)
+    entry = find_seq_idx(order_cu_q_ptr, lo, hi, q_block_idx, BLOCK_M, SEARCH_STEPS)
+    found = entry >= lo
+    entry = tl.maximum(entry, lo)
+    first_block = first_block_of(order_cu_q_ptr, lo, tl.load(order_cu_q_ptr + lo), entry, BLOCK_M)
+    q_block = q_block_idx - first_block
+    seq = tl.load(seq_order_ptr + entry, mask=found, other=0)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_len = tl.where(found, q_len, 0)
+    # The keys of a causal block end at its last query; a surplus block has none.
+    block_end = tl.minimum(q_len, (q_block + 1) * BLOCK_M)
+    key_hi = tl.where(q_block * BLOCK_M < q_len, block_end, 0)
+
+    # A tile that runs past the sequence reads the next one's tokens (masked by position below)
+    # or, past the batch, zeros (TMA's bounds check).
+    q = query_desc.load([q_start + q_block * BLOCK_M, head * HEAD])
+    query_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in tl.range(0, key_hi, TILE_N, warp_specialize=True):
+        k = key_desc.load([q_start + start, kv_head * HEAD])
+        v = value_desc.load([q_start + start, kv_head * HEAD])
+        scores = tl.dot(q, tl.trans(k))
+        key_pos = start + tl.arange(0, TILE_N)
+        scores = tl.where(key_pos[None, :] <= query_pos[:, None], scores, float("-inf"))
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, scores, softmax_scale * LOG2E, v, None)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    offs_d = tl.arange(0, HEAD)
+    tl.store(
+        output_ptr + (q_start + query_pos)[:, None] * stride_o_token + head * stride_o_head
+        + offs_d[None, :],
+        out.to(output_ptr.dtype.element_ty),
+        mask=(query_pos < key_hi)[:, None],
+    )  # fmt: skip
+
+
+def tma_prefill_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether these tensors meet TMA's layout rules: [tokens, heads, head size] with heads and
+    head dims contiguous, 16-byte aligned bases and token strides, whole GQA groups.
+
+    vLLM's query / key / value (views of the fused QKV projection) meet them at the head sizes
+    the config table gives this kernel.
+    """
+    if query.shape[1] % key.shape[1]:
+        return False
+    for t in (query, key, value):
+        head_size = t.shape[2]
+        if t.stride(2) != 1 or t.stride(1) != head_size:
+            return False
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    return True
+
+
+def tma_prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    output: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    group: int,
+    softmax_scale: float,
+    config: AttentionConfig,
+) -> None:
+    """Causal attention of one group of fresh prefills over their own K/V, into `output`.
+
+    Args:
+        query: [num_tokens, num_heads, head_size]; key, value: [num_tokens, num_kv_heads,
+            head_size], the new tokens' K/V; all three as `tma_prefill_fits` requires.
+        output: [num_tokens, num_heads, head_size]; only the group's rows are written.
+        groups: (seq_order, order_cu_q, group_bounds) from `classify_requests`; every request
+            of `group` has no context.
+        config: from `configs.tma_prefill_config` (block_q = block_m query tokens per program).
+    """
+    num_tokens, num_heads, head_size = query.shape
+    num_kv_heads = key.shape[1]
+    seq_order, order_cu_q, group_bounds = groups
+    num_seqs = query_start_loc.shape[0] - 1
+    block_m, tile_n = config.block_m, config.tile_n
+
+    def rows(t: torch.Tensor, tile_rows: int) -> TensorDescriptor:
+        """`t` as a 2-D [tokens, heads * head size] descriptor of [tile_rows, head size] tiles."""
+        width = t.shape[1] * head_size
+        return TensorDescriptor(t, [num_tokens, width], [t.stride(0), 1], [tile_rows, head_size])
+
+    grid = (num_query_blocks(num_tokens, num_seqs, block_m), num_heads)
+    _tma_prefill_kernel[grid](
+        rows(query, block_m), rows(key, tile_n), rows(value, tile_n), output,
+        query_start_loc, seq_order, order_cu_q, group_bounds,
+        softmax_scale, output.stride(0), output.stride(1),
+        QUERIES_PER_KV=num_heads // num_kv_heads,
+        HEAD=head_size,
+        BLOCK_M=block_m,
+        TILE_N=tile_n,
+        GROUP=group,
+        SEARCH_STEPS=seq_order.shape[0].bit_length(),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip

@@ -20,8 +20,9 @@ supported head size, each dtype and the fp8 KV caches (e4m3, e5m2), GQA 1 / 3 / 
 decode, spec-verify and prefill-shaped tiles, split-KV with its merge, each feature switch
 alone and all together, both routes (the grouped route's decode / extend / dense and paged
 prefill launches, and the TMA prefill that long prefills take on sm_90), the cache writer and
-the classifier: about 265 unique compiles, 6 minutes on two cores. `--quick` compiles each kernel and route once (about 30, under half a minute);
-`--full` widens every sweep (about 1500, for a machine with many cores).
+the classifier: about 265 unique compiles, 6 minutes on two cores. `--quick` compiles each
+kernel and route once (about 30, under half a minute); `--full` widens every sweep (about 1500,
+for a machine with many cores).
 
 How the specialisations are found (no hand-written signatures): the real public launchers
 (`unified_attention`, `grouped_attention`, `merge_segments` through them, `classify_requests`,

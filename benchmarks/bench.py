@@ -348,9 +348,13 @@ def _override_config_table(spec: str) -> None:
     arch = configs.config_table_name()
     for item in filter(None, spec.split(",")):
         shape, _, tile = item.partition("=")
-        if shape not in configs.SHAPES:
+        row = tuple(int(x) for x in tile.split("x"))
+        if shape == "prefill_tma" and arch in configs._TMA_PREFILL:
+            configs._TMA_PREFILL[arch] = (row, configs._TMA_PREFILL[arch][1])
+        elif shape in configs.SHAPES:
+            configs._TABLE[(arch, shape)] = row
+        else:
             raise SystemExit(f"--table: unknown shape {shape!r}; one of {configs.SHAPES}")
-        configs._TABLE[(arch, shape)] = tuple(int(x) for x in tile.split("x"))
     configs.attention_config.cache_clear()
 
 
@@ -392,9 +396,12 @@ def _provider_portable(
     return run, {"num_segments": segs, "config": config or "table"}
 
 
-def _provider_portable_grouped(inp: Inputs, args: argparse.Namespace) -> tuple[ProviderFn, dict]:
+def _provider_portable_grouped(
+    inp: Inputs, args: argparse.Namespace, tma_prefill: bool = True
+) -> tuple[ProviderFn, dict]:
     """The grouped route: classify once (the builder's job, once per step), then the per-group
-    kernels (the impl's job, once per layer). Only the per-layer part is timed."""
+    kernels (the impl's job, once per layer). Only the per-layer part is timed. `tma_prefill`
+    False keeps fresh prefills on the portable dense kernel where the TMA prefill applies."""
 
     from vllm_portable_attn.kernels import (
         MAX_DECODE_QUERY_LEN,
@@ -414,10 +421,10 @@ def _provider_portable_grouped(inp: Inputs, args: argparse.Namespace) -> tuple[P
             inp.query[i], *new_kv[i], inp.key_cache, inp.value_cache, out,
             inp.query_start_loc, inp.seq_lens, inp.block_tables[i], groups,
             max_query_len=case.max_q, max_seq_len=case.max_kv, softmax_scale=inp.scale,
-            causal=True, num_segments=segs, workspace=ws,
+            causal=True, num_segments=segs, workspace=ws, allow_tma_prefill=tma_prefill,
         )  # fmt: skip
 
-    return run, {"num_segments": segs}
+    return run, {"num_segments": segs, "tma_prefill": tma_prefill}
 
 
 def _provider_reference(inp: Inputs, args: argparse.Namespace) -> tuple[ProviderFn, dict]:
@@ -587,49 +594,10 @@ def _provider_flashinfer(inp: Inputs, args: argparse.Namespace) -> tuple[Provide
     return run, {"wrapper": "decode" if decode_only else "prefill"}
 
 
-# The prototype's default tile: it warp-specialises on sm90 without spills (NOTES.md).
-WS_PREFILL_CONFIG = "128x128x4x2"
-
-
-def _provider_ws_prefill(
-    inp: Inputs,
-    args: argparse.Namespace,
-    config: str = WS_PREFILL_CONFIG,
-    warp_specialize: bool = True,
-) -> tuple[ProviderFn, dict]:
-    """The prototype in prototypes/ws_prefill.py (TMA descriptors, Hopper warp specialisation;
-    not used by the backend): fresh-prefill cases only, over the new tokens' dense K/V as the
-    grouped route's prefill reads them. `config` is BMxTNxWxS (rows, keys, warps, stages)."""
-    from prototypes.ws_prefill import ws_prefill
-
-    if inp.case.q_lens != inp.case.kv_lens:
-        raise ValueError("ws_prefill serves fresh prefills only")
-    block_m, tile_n, warps, stages = (int(x) for x in config.split("x"))
-    new_kv = _new_tokens_kv(inp)
-
-    def run(i: int, out: Any) -> None:
-        ws_prefill(
-            inp.query[i], *new_kv[i], out, inp.query_start_loc, softmax_scale=inp.scale,
-            block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages,
-            warp_specialize=warp_specialize,
-        )  # fmt: skip
-
-    return run, {"config": config, "warp_specialize": warp_specialize}
-
-
-def _register_ws_prefill(name: str) -> None:
-    """'ws_prefill[_nows][@BMxTNxWxS]' -> a provider of the prototype with that config."""
-    base, _, config = name.partition("@")
-    if base in ("ws_prefill", "ws_prefill_nows") and name not in PROVIDERS:
-        PROVIDERS[name] = functools.partial(
-            _provider_ws_prefill, config=config or WS_PREFILL_CONFIG,
-            warp_specialize=base == "ws_prefill",
-        )  # fmt: skip
-
-
 PROVIDERS: dict[str, Callable[[Inputs, argparse.Namespace], tuple[ProviderFn, dict]]] = {
     "portable": _provider_portable,
     "portable_grouped": _provider_portable_grouped,
+    "portable_grouped_no_tma": functools.partial(_provider_portable_grouped, tma_prefill=False),
     "triton_attn": _provider_triton_attn,
     "fa3": _provider_fa3,
     "flashinfer": _provider_flashinfer,
@@ -777,7 +745,6 @@ def run_kernels(args: argparse.Namespace) -> int:
         PROVIDERS[f"portable@{spec}"] = functools.partial(_provider_portable, config=spec)
         providers.append(f"portable@{spec}")
     for p in providers:
-        _register_ws_prefill(p)
         if p not in PROVIDERS:
             raise SystemExit(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
     if args.table:
@@ -1382,9 +1349,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers",
         default="portable,triton_attn,fa3",
         help="comma list of: " + ", ".join(PROVIDERS) + " (flashinfer JIT-compiles "
-        "on first use; reference is the slow PyTorch loop, small cases only), and "
-        "ws_prefill[_nows][@BMxTNxWxS], the prototype prefill kernel with (or without) warp "
-        "specialisation (fresh-prefill cases only)",
+        "on first use; reference is the slow PyTorch loop, small cases only; "
+        "portable_grouped_no_tma keeps fresh prefills off the sm_90 TMA prefill)",
     )
     kp.add_argument(
         "--cases",
@@ -1425,7 +1391,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--table",
         default="",
         help="comma list of SHAPE=BMxTNxWxS replacing rows of our config table for this run "
-        "(shapes: decode, decode_split, spec, prefill, prefill_dense)",
+        "(shapes: decode, decode_split, spec, prefill, prefill_dense, and prefill_tma: the "
+        "TMA prefill's tile, its minimum grid unchanged)",
     )
     kp.add_argument(
         "--segments",

@@ -54,9 +54,9 @@
 #   bench_kernels           yes   240     90   bench.py kernels: portable, triton_attn, fa3; $KERNEL_CASES
 #   bench_kernels_all       yes   560    120   the same over all cases
 #   bench_kernels_cg        yes   240     90   $CG_CASES (default baseline) timed with do_bench_cudagraph
-#   bench_ws_prefill        yes   300     90   the warp-specialised prefill prototype (benchmarks/prototypes)
-#                                              in four configs against our grouped route and FA3, on the
-#                                              prefill cases, do_bench_cudagraph
+#   bench_tma_prefill       yes   300     90   the grouped route with and without the sm_90 TMA prefill,
+#                                              against FA3, on the prefill and mixed cases,
+#                                              do_bench_cudagraph
 #   bench_plan              yes   300     60   bench.py plan: per-step builder / forward overhead (K7)
 #   e2e_serve               yes   330    200   e2e_check.py serve: 8B shape, compile + CUDA graphs
 #   bench_e2e_quick         yes   560    200   bench.py e2e --quick (short, long) for $E2E_BACKENDS
@@ -473,7 +473,7 @@ step_spec() { # name -> "needs_vllm|limit|least useful time|command"
     bench_kernels) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases $KERNEL_CASES --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_kernels_all) echo "1|560|120|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_kernels_cg) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases $CG_CASES --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
-    bench_ws_prefill) echo "1|300|90|$B kernels --providers portable_grouped,fa3,ws_prefill@128x128x4x2,ws_prefill@128x64x4x2,ws_prefill@128x64x4x3,ws_prefill_nows@128x64x8x3 --cases prefill --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
+    bench_tma_prefill) echo "1|300|90|$B kernels --providers portable_grouped,portable_grouped_no_tma,fa3 --cases prefill,mixed --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_plan) echo "1|300|60|$B plan --out $RESULTS" ;;
     e2e_correctness) echo "1|390|150|$E correctness $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     e2e_correctness_grouped) echo "1|300|150|$E correctness --route grouped --backends CUSTOM,TRITON_ATTN --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;

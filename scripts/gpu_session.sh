@@ -27,7 +27,7 @@
 #                                              random batches at real sizes, both routes); fails if
 #                                              it was skipped; -s and verbose, so a failing example
 #                                              is in the log even if shrinking runs out of time
-#   sanitizer               no    240    120   compute-sanitizer memcheck over $SANITIZER_TESTS (15
+#   sanitizer               no    240    120   compute-sanitizer memcheck over $SANITIZER_TESTS (16
 #                                              kernel tests: both routes, split-KV, paged, fp8,
 #                                              window, sinks, head 80, int64 page offsets) with
 #                                              PYTORCH_NO_CUDA_MEMORY_CACHING=1; fails on any error
@@ -116,13 +116,14 @@ CG_CASES=baseline
 ROUTE=
 HYP_SEED=
 # Kernel tests under compute-sanitizer, most telling first (a step that runs out of time loses
-# the last ones): unified paged mixed batch, grouped route (dense prefill), split-KV with 32
-# segments, fp8 split / grouped, grouped split, head size 80 (padded to 128), sliding window on
-# both routes, sinks, the cache write, the classifier (with an empty request), small-size edge
+# the last ones): unified paged mixed batch, grouped route (dense prefill; long prefills through
+# the sm_90 TMA prefill), split-KV with 32 segments, fp8 split / grouped, grouped split, head
+# size 80 (padded to 128), sliding window on both routes, sinks, the cache write, the classifier (with an empty request), small-size edge
 # cases, and int64 page offsets in a >4 GiB cache (a 4 GiB CPU tensor first: about 20 s).
 SANITIZER_TESTS="\
 tests/test_kernels.py::test_gpu_mixed_batch[bfloat16-page16-32q8kv] \
 tests/test_grouped.py::test_gpu_grouped[dtype0-v2] \
+tests/test_grouped.py::test_gpu_grouped_large_prefills[dtype0-tma] \
 tests/test_kernels.py::test_gpu_split_kv[q1-32] \
 tests/test_kernels.py::test_gpu_features[split8-fp8] \
 tests/test_grouped.py::test_gpu_grouped_features[fp8] \
@@ -134,7 +135,7 @@ tests/test_kernels.py::test_gpu_features[nosplit-sinks] \
 tests/test_kernels.py::test_cache_write_matches_scatter \
 tests/test_grouped.py::test_classifier_groups_and_order \
 tests/test_kernels.py::test_window_of_one[split8] \
-tests/test_grouped.py::test_grouped_matches_reference[random] \
+tests/test_grouped.py::test_grouped_matches_reference[random-tma] \
 tests/test_kernels.py::test_gpu_block_ids_need_int64"
 
 STEPS=()

@@ -22,7 +22,7 @@
 # the end), kernels_vs_fa3.png (if matplotlib is there).
 #
 # Steps                    vLLM  limit  least  what
-#   pytest_kernels          no    300     60   tests/test_kernels.py tests/test_grouped.py (no vLLM)
+#   pytest_kernels          no    420     60   tests/test_kernels.py tests/test_grouped.py (no vLLM)
 #   pytest_random_gpu       no    540    180   tests/test_randomized.py's GPU variant (hypothesis, 60
 #                                              random batches at real sizes, both routes); fails if
 #                                              it was skipped; -s and verbose, so a failing example
@@ -162,7 +162,8 @@ say() { echo "$*" | tee -a "$LOG"; }
 elapsed() { echo $(($(date +%s) - START)); }
 
 say "=== gpu_session $PART: steps ${STEPS[*]} (budget ${BUDGET}s) at $(date -u +%FT%TZ)"
-say "commit $(git rev-parse --short HEAD 2>/dev/null || echo "${PORTABLE_ATTN_GIT_COMMIT:-unknown (no .git; pass COMMIT=sha)}")"
+# COMMIT= wins: the device tool's copy of the tree may carry a stale .git.
+say "commit ${PORTABLE_ATTN_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git; pass COMMIT=sha)")}"
 
 # ---------------------------------------------------------------------------------------------
 # vLLM kit
@@ -457,7 +458,7 @@ step_spec() { # name -> "needs_vllm|limit|least useful time|command"
   local route_arg=""
   [ -n "$ROUTE" ] && route_arg="--route $ROUTE"
   case "$1" in
-    pytest_kernels) echo "0|300|60|$PT tests/test_kernels.py tests/test_grouped.py" ;;
+    pytest_kernels) echo "0|420|60|$PT tests/test_kernels.py tests/test_grouped.py" ;;
     pytest_random_gpu) echo "0|540|180|run_pytest_random_gpu" ;;
     sanitizer) echo "0|240|120|run_sanitizer" ;;
     pytest_vllm)

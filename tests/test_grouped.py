@@ -79,9 +79,11 @@ def test_grouped_matches_reference(order: str, tma_prefill: bool) -> None:
     run_and_check(batch(ORDERS[order]), provider="grouped", tma_prefill=tma_prefill)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the minimum grid decides (large_prefills)")
 def test_prefill_group_takes_the_tma_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """The dispatch itself: eligible fresh prefills go to the TMA kernel, once per call; a
-    score modifier or a non-16-bit dtype keeps them on the portable kernel."""
+    score modifier or a non-16-bit dtype keeps them on the portable kernel. (The interpreter's
+    table row has no minimum grid.)"""
     calls = []
 
     def record(*args: object, **kwargs: object) -> None:
@@ -200,9 +202,9 @@ def test_gpu_grouped_features(features: dict) -> None:
     run_and_check(b, provider="grouped", **features)
 
 
-# Enough prefill work for the TMA prefill's minimum grid on sm_90 (8k tokens x 32 heads / 128
-# rows = 2048 programs), with decodes and an extend in the same batch.
-GPU_TMA_BATCH = [(1, 3000), (5000, 0), (1, 70), (300, 4000), (2500, 0), (129, 0), (6, 900)]
+# Just enough prefill work for the TMA prefill's minimum grid on sm_90 (4137 tokens x 32 heads /
+# 128 rows = 1024 programs), with decodes and an extend in the same batch.
+GPU_TMA_BATCH = [(1, 3000), (2600, 0), (1, 70), (300, 4000), (1100, 0), (129, 0), (6, 900)]
 
 
 @pytest.mark.gpu

@@ -139,8 +139,8 @@ def test_binding_follows_each_target() -> None:
 
 
 def test_tma_prefill_is_compiled_for_sm90_only() -> None:
-    """Long fresh prefills take the TMA prefill on sm_90 (host tensor descriptors); the other
-    targets have no row for it and keep the portable dense prefill."""
+    """Long fresh prefills take the TMA prefill on sm_90; the other targets have no row for it
+    and keep the portable dense prefill."""
     found = _python(
         """
         import json
@@ -150,11 +150,11 @@ def test_tma_prefill_is_compiled_for_sm90_only() -> None:
         out = {}
         for j in jobs:
             if j.kernel == "_tma_prefill_kernel":
-                out[j.target] = [j.signature["query_desc"], j.signature["key_desc"]]
+                out[j.target] = [j.signature["query_ptr"], j.signature["key_ptr"]]
         print(json.dumps(out))
         """
     )
-    assert found == {"sm90": ["tensordesc<bf16[128, 128]>", "tensordesc<bf16[128, 128]>"]}
+    assert found == {"sm90": ["*bf16", "*bf16"]}
 
 
 def test_e5m2_cache_is_compiled_for_nvidia_only() -> None:

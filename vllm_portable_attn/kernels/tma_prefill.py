@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+from triton.runtime import _allocation
 
 from vllm_portable_attn.kernels._common import (
     LOG2E,
@@ -35,19 +35,25 @@ from vllm_portable_attn.kernels._common import (
 from vllm_portable_attn.kernels.configs import AttentionConfig
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _tma_prefill_kernel(
-    query_desc,  # query as [num_tokens, num_heads * HEAD], tiles [BLOCK_M, HEAD]
-    key_desc,  # new keys as [num_tokens, num_kv_heads * HEAD], tiles [TILE_N, HEAD]
-    value_desc,  # new values, likewise
+    query_ptr,  # [num_tokens, num_heads, HEAD], heads contiguous ([tokens, heads * HEAD] in 2-D)
+    key_ptr,  # [num_tokens, num_kv_heads, HEAD], the new keys, likewise
+    value_ptr,  # [num_tokens, num_kv_heads, HEAD], the new values, likewise
     output_ptr,  # [num_tokens, num_heads, HEAD]
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_order_ptr,  # [capacity] int32, request ids sorted by group
     order_cu_q_ptr,  # [capacity + 1] int32, cumulative query lengths in that order
     group_bounds_ptr,  # [num_groups + 1] int32, each group's first entry in the order
+    num_tokens,
     softmax_scale,
+    stride_q,
+    stride_k,
+    stride_v,
     stride_o_token,
     stride_o_head,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
     QUERIES_PER_KV: tl.constexpr,
     HEAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -76,8 +82,22 @@ def _tma_prefill_kernel(
     block_end = tl.minimum(q_len, (q_block + 1) * BLOCK_M)
     key_hi = tl.where(q_block * BLOCK_M < q_len, block_end, 0)
 
-    # A tile that runs past the sequence reads the next one's tokens (masked by position below)
-    # or, past the batch, zeros (TMA's bounds check).
+    # Descriptors over the whole batch, built on the device: with descriptors passed from the
+    # host, the warp-specialised kernel hung on an H200 (Triton 3.6). A tile that runs past the
+    # sequence reads the next one's tokens (masked by position below) or, past the batch, zeros
+    # (TMA's bounds check).
+    query_desc = tl.make_tensor_descriptor(
+        query_ptr, shape=[num_tokens, NUM_HEADS * HEAD], strides=[stride_q, 1],
+        block_shape=[BLOCK_M, HEAD],
+    )  # fmt: skip
+    key_desc = tl.make_tensor_descriptor(
+        key_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD], strides=[stride_k, 1],
+        block_shape=[TILE_N, HEAD],
+    )  # fmt: skip
+    value_desc = tl.make_tensor_descriptor(
+        value_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD], strides=[stride_v, 1],
+        block_shape=[TILE_N, HEAD],
+    )  # fmt: skip
     q = query_desc.load([q_start + q_block * BLOCK_M, head * HEAD])
     query_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
@@ -147,16 +167,14 @@ def tma_prefill_attention(
     num_seqs = query_start_loc.shape[0] - 1
     block_m, tile_n = config.block_m, config.tile_n
 
-    def rows(t: torch.Tensor, tile_rows: int) -> TensorDescriptor:
-        """`t` as a 2-D [tokens, heads * head size] descriptor of [tile_rows, head size] tiles."""
-        width = t.shape[1] * head_size
-        return TensorDescriptor(t, [num_tokens, width], [t.stride(0), 1], [tile_rows, head_size])
-
+    _ensure_scratch_allocator(query.device)
     grid = (num_query_blocks(num_tokens, num_seqs, block_m), num_heads)
     _tma_prefill_kernel[grid](
-        rows(query, block_m), rows(key, tile_n), rows(value, tile_n), output,
-        query_start_loc, seq_order, order_cu_q, group_bounds,
-        softmax_scale, output.stride(0), output.stride(1),
+        query, key, value, output, query_start_loc, seq_order, order_cu_q, group_bounds,
+        num_tokens, softmax_scale, query.stride(0), key.stride(0), value.stride(0),
+        output.stride(0), output.stride(1),
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
         QUERIES_PER_KV=num_heads // num_kv_heads,
         HEAD=head_size,
         BLOCK_M=block_m,
@@ -166,3 +184,17 @@ def tma_prefill_attention(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
+
+
+def _ensure_scratch_allocator(device: torch.device) -> None:
+    """Give Triton an allocator for the descriptors the kernel builds in global scratch.
+
+    Triton asks a process-wide (per-thread) allocator for that memory at every launch and has
+    none by default. One set by someone else serves as well, so it is left alone; otherwise
+    ours allocates through torch's caching allocator (inside a CUDA-graph capture, from the
+    graph's pool, as any allocation there).
+    """
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
+        )

@@ -415,13 +415,16 @@ def _provider_portable_grouped(
     groups = RequestGroups.allocate(case.num_seqs, inp.device)
     classify_requests(inp.query_start_loc, inp.seq_lens, groups, MAX_DECODE_QUERY_LEN)
     new_kv = _new_tokens_kv(inp)
+    fresh = [q for q, kv in zip(case.q_lens, case.kv_lens, strict=True) if q == kv]
+    prefill_size = (sum(fresh), len(fresh))  # the plan's host-side count
 
     def run(i: int, out: Any) -> None:
         grouped_attention(
             inp.query[i], *new_kv[i], inp.key_cache, inp.value_cache, out,
             inp.query_start_loc, inp.seq_lens, inp.block_tables[i], groups,
             max_query_len=case.max_q, max_seq_len=case.max_kv, softmax_scale=inp.scale,
-            causal=True, num_segments=segs, workspace=ws, allow_tma_prefill=tma_prefill,
+            causal=True, num_segments=segs, workspace=ws, prefill_size=prefill_size,
+            allow_tma_prefill=tma_prefill,
         )  # fmt: skip
 
     return run, {"num_segments": segs, "tma_prefill": tma_prefill}

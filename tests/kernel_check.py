@@ -29,6 +29,13 @@ TOLERANCE = {
 }
 
 
+def prefill_size(batch: PagedBatch) -> tuple[int, int]:
+    """(tokens, requests) of the batch's fresh prefills, as the plan reads them on the host."""
+    q_lens = batch.query_start_loc.diff().cpu()
+    fresh = (batch.seq_lens.cpu() == q_lens) & (q_lens > 0)
+    return int(q_lens[fresh].sum()), int(fresh.sum())
+
+
 def run_and_check(
     batch: PagedBatch,
     *,
@@ -80,7 +87,8 @@ def run_and_check(
         groups.seq_order.fill_(-7)  # poison: every real entry must be overwritten
         classify_requests(batch.query_start_loc, batch.seq_lens, groups, MAX_DECODE_QUERY_LEN)
         grouped_attention(batch.query, batch.key, batch.value, *paged, out, *lengths, groups,
-                          allow_tma_prefill=tma_prefill, **split, **common)  # fmt: skip
+                          prefill_size=prefill_size(batch), allow_tma_prefill=tma_prefill,
+                          **split, **common)  # fmt: skip
     else:
         raise ValueError(f"unknown provider {provider!r}")
     ref = torch.full_like(batch.query, float("nan"), dtype=torch.float64)

@@ -541,25 +541,30 @@ def test_gpu_build_never_syncs_or_allocates(route: str, device: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("requests", "expected"),
+    ("requests", "expected", "prefills"),
     [
-        ([(1, 9), (4, 30)], (True, False, False)),  # decodes and a spec-verify step
-        ([(5, 0), (40, 300), (1, 9)], (True, True, True)),  # V2 order: prompt before extend
-        ([(17, 0), (3, 0)], (False, False, True)),  # fresh prompts only, one of them short
-        ([(20, 5)], (False, True, False)),  # a chunked-prefill continuation
+        ([(1, 9), (4, 30)], (True, False, False), (0, 0)),  # decodes and a spec-verify step
+        ([(5, 0), (40, 300), (1, 9)], (True, True, True), (5, 1)),  # V2: prompt before extend
+        ([(17, 0), (3, 0)], (False, False, True), (20, 2)),  # fresh prompts only, one short
+        ([(20, 5)], (False, True, False), (0, 0)),  # a chunked-prefill continuation
     ],
 )
 def test_grouped_build_flags_the_groups_present(
-    requests: list, expected: tuple, route_env: pytest.MonkeyPatch, device: str
+    requests: list,
+    expected: tuple,
+    prefills: tuple,
+    route_env: pytest.MonkeyPatch,
+    device: str,
 ) -> None:
     """The host-side flags must name every group the device classifier will fill: an eager
-    launch skips a group flagged empty."""
+    launch skips a group flagged empty. The prefill count sizes the TMA prefill's grid."""
     route_env.setenv(envs.ROUTE_ENV, "grouped")
     model = Model(device)
     setup = model.setup()
     batch = model.batch(requests, num_padded_requests=2)
     md = setup.builder.build(0, common_metadata(batch, padded=True))
     assert md.active_groups == expected
+    assert md.prefill_size == prefills
 
 
 def test_grouped_build_without_host_lengths_launches_every_group(
@@ -572,7 +577,7 @@ def test_grouped_build_without_host_lengths_launches_every_group(
     cm = common_metadata(batch, padded=True)
     for upper_bound in (None, cm.seq_lens_cpu_upper_bound[:2]):  # absent, or not padded
         md = setup.builder.build(0, dataclasses.replace(cm, seq_lens_cpu_upper_bound=upper_bound))
-        assert md.active_groups is None
+        assert md.active_groups is None and md.prefill_size is None
 
 
 def test_grouped_build_under_adaptive_verification_launches_every_group(
@@ -598,7 +603,7 @@ def test_grouped_build_under_adaptive_verification_launches_every_group(
     oracle = oracle_copy(batch)
 
     md = setup.builder.build(0, cm)
-    assert md.active_groups is None
+    assert md.active_groups is None and md.prefill_size is None
     output = run_step(setup, batch, md)
     assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
 

@@ -212,6 +212,7 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             # A layer that shares another layer's cache did not write its own K/V there, so
             # its key/value are not what the cache holds: its prefills must read the cache.
             dense = key is not None and value is not None and not self.kv_sharing_target_layer_name
+            capturing = graph_capture_in_progress()
             grouped_attention(
                 query[:num_tokens],
                 key[:num_tokens] if dense else None,
@@ -221,7 +222,9 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
                 output[:num_tokens],
                 *lengths,
                 md.request_groups,
-                active_groups=None if graph_capture_in_progress() else md.active_groups,
+                # Host-side facts about this step's groups; a captured graph replays other steps.
+                active_groups=None if capturing else md.active_groups,
+                prefill_size=None if capturing else md.prefill_size,
                 **options,
             )
         else:

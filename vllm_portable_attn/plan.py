@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from vllm_portable_attn import envs
@@ -82,6 +83,9 @@ class PortableAttentionMetadata(AttentionMetadata):
     # grouped route: which of (decode, extend, prefill) hold requests, from host-side lengths;
     # None when unknown. Only eager launches may use it (see PortableAttentionImpl.forward).
     active_groups: tuple[bool, bool, bool] | None = None
+    # grouped route: (tokens, requests) of the fresh prefills, from host-side lengths; None when
+    # unknown. It sizes the TMA prefill's grid, so it too is for eager launches only.
+    prefill_size: tuple[int, int] | None = None
 
 
 def _device_num_sms(device: torch.device) -> int:
@@ -225,7 +229,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 # The policy already refuses such batches; guard against a policy change.
                 num_segments = 1
 
-        active_groups = None
+        active_groups = prefill_size = None
         if self.request_groups is not None:
             # The decode group takes every query up to the decode-tile bound, so spec-decode
             # verify steps (1 + num_speculative_tokens <= 8) run as decodes.
@@ -234,6 +238,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             )
             if self.host_lengths_exact:
                 active_groups = _host_active_groups(cm)
+                prefill_size = _host_prefill_size(cm)
 
         return PortableAttentionMetadata(
             route=self.route,
@@ -248,26 +253,49 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             workspace=self.workspace,
             request_groups=self.request_groups,
             active_groups=active_groups,
+            prefill_size=prefill_size,
         )
 
 
-def _host_active_groups(cm: CommonAttentionMetadata) -> tuple[bool, bool, bool] | None:
-    """Which groups hold requests, from lengths vLLM already has on the host (no sync).
+def _host_lengths(cm: CommonAttentionMetadata) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each request's query length and whether it has context, from lengths vLLM already has on
+    the host (no sync); None if they are not there.
 
-    The same rule as the device classifier. `seq_lens_cpu_upper_bound` is exact except for
-    asynchronous spec-decode rows, where it is optimistic; those rows have context either way,
-    so the flags can only over-report a group, never miss one.
+    `seq_lens_cpu_upper_bound` is exact except for asynchronous spec-decode rows, where it is
+    optimistic; those rows have context either way, so a request without context (a prefill)
+    is always seen as one.
     """
     seq_lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
     if seq_lens is None or seq_lens.shape[0] < cm.num_reqs:
-        # Unknown (or, on a release that stops padding it, incomplete): launch every group.
+        # Unknown (or, on a release that stops padding it, incomplete).
         return None
     starts = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
     q_lens = starts[1:] - starts[:-1]
-    has_context = seq_lens.numpy()[: cm.num_reqs] - q_lens > 0
+    return q_lens, seq_lens.numpy()[: cm.num_reqs] - q_lens > 0
+
+
+def _host_active_groups(cm: CommonAttentionMetadata) -> tuple[bool, bool, bool] | None:
+    """Which groups hold requests (the device classifier's rule); None: launch every group.
+
+    The flags can only over-report a group (see `_host_lengths`), never miss one.
+    """
+    lengths = _host_lengths(cm)
+    if lengths is None:
+        return None
+    q_lens, has_context = lengths
     is_short = q_lens <= MAX_DECODE_QUERY_LEN
     return (
         bool((has_context & is_short & (q_lens > 0)).any()),
         bool((has_context & ~is_short).any()),
         bool((~has_context & (q_lens > 0)).any()),
     )
+
+
+def _host_prefill_size(cm: CommonAttentionMetadata) -> tuple[int, int] | None:
+    """(tokens, requests) of the fresh prefills, exactly; None if the host lengths are missing."""
+    lengths = _host_lengths(cm)
+    if lengths is None:
+        return None
+    q_lens, has_context = lengths
+    prefill = ~has_context & (q_lens > 0)
+    return int(q_lens[prefill].sum()), int(prefill.sum())

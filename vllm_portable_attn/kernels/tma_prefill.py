@@ -148,6 +148,7 @@ def tma_prefill_attention(
     groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     group: int,
+    group_size: tuple[int, int],
     softmax_scale: float,
     config: AttentionConfig,
 ) -> None:
@@ -159,16 +160,16 @@ def tma_prefill_attention(
         output: [num_tokens, num_heads, head_size]; only the group's rows are written.
         groups: (seq_order, order_cu_q, group_bounds) from `classify_requests`; every request
             of `group` has no context.
+        group_size: (tokens, requests) of `group`, exactly: the grid covers its blocks only.
         config: from `configs.tma_prefill_config` (block_q = block_m query tokens per program).
     """
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key.shape[1]
     seq_order, order_cu_q, group_bounds = groups
-    num_seqs = query_start_loc.shape[0] - 1
-    block_m, tile_n = config.block_m, config.tile_n
+    block_m = config.block_m
 
     _ensure_scratch_allocator(query.device)
-    grid = (num_query_blocks(num_tokens, num_seqs, block_m), num_heads)
+    grid = (num_query_blocks(*group_size, block_m), num_heads)
     _tma_prefill_kernel[grid](
         query, key, value, output, query_start_loc, seq_order, order_cu_q, group_bounds,
         num_tokens, softmax_scale, query.stride(0), key.stride(0), value.stride(0),
@@ -178,7 +179,7 @@ def tma_prefill_attention(
         QUERIES_PER_KV=num_heads // num_kv_heads,
         HEAD=head_size,
         BLOCK_M=block_m,
-        TILE_N=tile_n,
+        TILE_N=config.tile_n,
         GROUP=group,
         SEARCH_STEPS=seq_order.shape[0].bit_length(),
         num_warps=config.num_warps,

@@ -377,7 +377,9 @@ def _run_scenario(sc: Scenario, target: Target, device: str = "meta") -> None:
     kvh, d, page = sc.num_kv_heads, sc.head_size, sc.page_size
     heads = kvh * sc.gqa
 
-    if sc.max_query_len > MAX_DECODE_QUERY_LEN:
+    if sc.max_query_len >= _LONG_PREFILL:
+        q_lens = [1, 1, 7, sc.max_query_len - 7]  # decodes, a spec-verify, a long prefill
+    elif sc.max_query_len > MAX_DECODE_QUERY_LEN:
         q_lens = [1, 1, sc.max_query_len - 7, 7]  # decodes, a long extend, a short prefill
     else:
         q_lens = [sc.max_query_len] * 4
@@ -458,7 +460,8 @@ def _run_scenario(sc: Scenario, target: Target, device: str = "meta") -> None:
         dense = not sc.kv_sharing
         grouped_attention(
             query, key if dense else None, value if dense else None, key_cache, value_cache,
-            output, query_start_loc, seq_lens, block_table, groups, **common,
+            output, query_start_loc, seq_lens, block_table, groups,
+            prefill_size=(q_lens[-1], 1), **common,
         )  # fmt: skip
     else:
         raise ValueError(f"unknown route {sc.route!r}")

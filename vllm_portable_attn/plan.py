@@ -53,7 +53,11 @@ from vllm_portable_attn.kernels import (
     choose_num_segments,
     classify_requests,
 )
-from vllm_portable_attn.kernels.configs import config_table_name
+from vllm_portable_attn.kernels.configs import (
+    TMA_PREFILL_HEAD_SIZES,
+    config_table_name,
+    tma_prefill_min_tokens,
+)
 
 logger = get_logger(__name__)
 
@@ -187,6 +191,15 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 config_table_name(),
                 _gpu_description(torch.device(device)),
             )
+            min_tokens = tma_prefill_min_tokens(self.num_heads) if self.num_heads else None
+            if self.route == "grouped" and min_tokens is not None:
+                logger.info_once(
+                    "vllm_portable_attn: eager steps with at least %d fresh-prefill tokens run "
+                    "them through the TMA prefill (plain causal attention, 16-bit K/V, head "
+                    "size %s)",
+                    min_tokens,
+                    "/".join(map(str, TMA_PREFILL_HEAD_SIZES)),
+                )
 
     @staticmethod
     def _resolve_num_heads(vllm_config: VllmConfig, layer_names: list[str]) -> int | None:

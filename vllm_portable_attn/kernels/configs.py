@@ -133,20 +133,27 @@ TMA_PREFILL_HEAD_SIZES = (32, 64, 128)
 
 
 def tma_prefill_config(num_tokens: int, num_heads: int) -> AttentionConfig | None:
-    """The TMA prefill's tile for a launch of this padded size, or None where it does not pay
-    (too few programs) or does not exist (no row for this architecture, or not sm_90: the tile
-    and Triton's warp specialisation were measured there only).
+    """The TMA prefill's tile for a prefill group of `num_tokens` tokens, or None where it does
+    not pay (too few programs) or does not exist (no row for this architecture, or not sm_90:
+    the tile and Triton's warp specialisation were measured there only).
 
     Callers check the rest of its scope: causal, no score modifiers, an unquantised dense K/V
     of a TMA_PREFILL_HEAD_SIZES head size and 16-bit dtype (`tma_prefill_fits`).
     """
+    min_tokens = tma_prefill_min_tokens(num_heads)
+    if min_tokens is None or num_tokens < min_tokens:
+        return None
+    rows, tile_n, num_warps, num_stages = _TMA_PREFILL[_arch()][0]
+    return AttentionConfig(rows, rows, tile_n, num_warps, num_stages)
+
+
+def tma_prefill_min_tokens(num_heads: int) -> int | None:
+    """Fewest prefill tokens that take the TMA prefill here; None where it does not exist."""
     arch = _arch()
     if arch not in _TMA_PREFILL or (arch == "hopper" and not _is_sm90()):
         return None
-    (rows, tile_n, num_warps, num_stages), min_programs = _TMA_PREFILL[arch]
-    if (num_tokens // rows) * num_heads < min_programs:
-        return None
-    return AttentionConfig(rows, rows, tile_n, num_warps, num_stages)
+    (rows, *_), min_programs = _TMA_PREFILL[arch]
+    return rows * triton.cdiv(min_programs, num_heads)
 
 
 def _is_sm90() -> bool:

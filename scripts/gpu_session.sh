@@ -421,7 +421,8 @@ run_pytest_random_gpu() {
   timeout -k 10 $((STEP_T - 20)) python3 -m pytest -v -s -rfEs -p no:cacheprovider --durations=5 \
     --hypothesis-seed="$seed" --hypothesis-verbosity=verbose --hypothesis-show-statistics "$node" 2>&1 | tee "$tmp"
   rc=${PIPESTATUS[0]}
-  tried=$(grep -c 'Trying example' "$tmp")
+  # Each example's verbose header: "Trying example:" (hypothesis 6.1xx) or "Test case:" (6.168).
+  tried=$(grep -cE 'Trying example|Test case: ' "$tmp")
   failing=$(grep -cE '^E +' "$tmp")
   counts=$(pytest_counts "$tmp")
   first=$(grep -E '^E +' "$tmp" | head -n 2 | sed 's/^E *//' | tr '\n' ' ')

@@ -157,22 +157,26 @@ GPU_ORDERS = {
 }
 
 
+def gpu_batch(requests: list[tuple[int, int]], **overrides: object):
+    """A Llama-8B-shaped batch (32 query / 8 KV heads, head 128, pages of 16) on the GPU."""
+    kwargs = dict(
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        page_size=16,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
+    kwargs.update(overrides)
+    return make_batch(requests, **kwargs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("order", list(GPU_ORDERS) + ["shuffled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_grouped(order: str, dtype: torch.dtype) -> None:
     requests = GPU_ORDERS.get(order) or random.Random(3).sample(GPU_ORDERS["v1"], 7)
-    b = make_batch(
-        requests,
-        num_heads=32,
-        num_kv_heads=8,
-        head_size=128,
-        page_size=16,
-        dtype=dtype,
-        device="cuda",
-        num_padded_requests=2,
-        num_padding_tokens=4,
-    )
+    b = gpu_batch(requests, dtype=dtype, num_padded_requests=2, num_padding_tokens=4)
     run_and_check(b, provider="grouped")
 
 
@@ -188,15 +192,7 @@ def test_gpu_grouped(order: str, dtype: torch.dtype) -> None:
     ids=["fp8", "fp8_e5m2", "window", "sinks"],
 )
 def test_gpu_grouped_features(features: dict) -> None:
-    b = make_batch(
-        GPU_ORDERS["v2"],
-        num_heads=32,
-        num_kv_heads=8,
-        head_size=128,
-        page_size=16,
-        dtype=torch.bfloat16,
-        device="cuda",
-    )
+    b = gpu_batch(GPU_ORDERS["v2"])
     if features.get("sinks"):
         features = dict(sinks=torch.randn(32, device="cuda"))
     run_and_check(b, provider="grouped", **features)
@@ -211,17 +207,7 @@ GPU_TMA_BATCH = [(1, 3000), (2600, 0), (1, 70), (300, 4000), (1400, 0), (129, 0)
 @pytest.mark.parametrize("tma_prefill", [True, False], ids=["tma", "portable"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_grouped_large_prefills(tma_prefill: bool, dtype: torch.dtype) -> None:
-    b = make_batch(
-        GPU_TMA_BATCH,
-        num_heads=32,
-        num_kv_heads=8,
-        head_size=128,
-        page_size=16,
-        dtype=dtype,
-        device="cuda",
-        num_padded_requests=2,
-        num_padding_tokens=4,
-    )
+    b = gpu_batch(GPU_TMA_BATCH, dtype=dtype, num_padded_requests=2, num_padding_tokens=4)
     if tma_prefill and torch.cuda.get_device_capability()[0] == 9:
         tokens, _ = prefill_size(b)
         assert tma_prefill_config(tokens, 32) is not None, "not the TMA kernel's size"
@@ -231,13 +217,5 @@ def test_gpu_grouped_large_prefills(tma_prefill: bool, dtype: torch.dtype) -> No
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_segments", [4, 16])
 def test_gpu_grouped_split(num_segments: int) -> None:
-    b = make_batch(
-        [(1, 9000), (4, 3000), (8, 0), (1, 20)],
-        num_heads=32,
-        num_kv_heads=8,
-        head_size=128,
-        page_size=16,
-        dtype=torch.bfloat16,
-        device="cuda",
-    )
+    b = gpu_batch([(1, 9000), (4, 3000), (8, 0), (1, 20)])
     run_and_check(b, provider="grouped", num_segments=num_segments)

@@ -145,6 +145,8 @@ def _tma_prefill_config(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefill_tokens: int
 ) -> AttentionConfig | None:
     """The TMA prefill's config if it serves this launch (see `configs.tma_prefill_config`)."""
+    if prefill_tokens == 0:  # nothing to launch for; the portable launch exits at once
+        return None
     if query.dtype not in (torch.float16, torch.bfloat16):
         return None
     if query.shape[2] not in TMA_PREFILL_HEAD_SIZES or not tma_prefill_fits(query, key, value):

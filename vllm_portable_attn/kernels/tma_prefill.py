@@ -5,9 +5,10 @@ what TMA copies want. Marked `tl.range(..., warp_specialize=True)` and fed by te
 descriptors, the key loop compiles on sm_90 into FA3's layout: one producer warp group issuing
 the TMA copies and two consumer warp groups of 64 query rows each (12 warps, 168 registers, no
 spills), so the QK and PV dots of one consumer overlap the other's softmax. H200, Llama-8B
-heads, against the portable dense-prefill kernel: 8k prefill 1283 -> 1169 us, 4 x 4k 1401 ->
-1249, 16 x 1k 538 -> 487; slower below about 1024 programs (1 x 2k: 123 -> 131), hence
-`configs.tma_prefill_config`'s minimum grid (benchmarks/NOTES.md, session E).
+heads, against the portable dense-prefill kernel: 8k prefill 1294 -> 1185 us (0.83x FA3), 4 x
+4k 1403 -> 1272, 16k 5017 -> 4388, 16 x 1k 541 -> 515; a prototype was slower below about 1024
+programs (1 x 2k: 123 -> 131 us), hence `configs.tma_prefill_config`'s minimum grid
+(benchmarks/NOTES.md, session E).
 
 What Triton 3.6's sm_90 pass accepts shapes this kernel: no early return and no `while` loop
 anywhere (so `find_seq_idx` runs unrolled, a fixed number of halvings), no reduction before the

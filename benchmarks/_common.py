@@ -42,6 +42,53 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def count_label(n: int) -> str:
+    """A token count as case names spell it: 8192 -> '8k', 1000 -> '1000'."""
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+class BatchLengths:
+    """What follows from a batch's per-request lengths, for the dataclasses that hold them:
+    ``q_lens`` (new tokens) and ``seq_lens`` (cached context + new tokens, what vLLM passes as
+    ``seq_lens``), in the runner's batch order. The queries are the last ``q_lens`` positions."""
+
+    q_lens: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.q_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.q_lens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens)
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(self.seq_lens)
+
+    def num_blocks(self, block_size: int) -> int:
+        """KV-cache blocks the batch occupies."""
+        return sum(-(-s // block_size) for s in self.seq_lens)
+
+    @property
+    def attended_pairs(self) -> int:
+        """(query, key) pairs under the causal mask: query i of a sequence with context c
+        sees c + i + 1 keys."""
+        total = 0
+        for q, s in zip(self.q_lens, self.seq_lens, strict=True):
+            total += q * (s - q) + q * (q + 1) // 2
+        return total
+
+
 def utc_now() -> str:
     """Timestamp for result rows, ISO 8601 in UTC."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -18,6 +18,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import _common as C
 import torch
 from vllm.config import CacheConfig, DeviceConfig, SchedulerConfig, VllmConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
@@ -33,32 +34,13 @@ LAYER_NAME = "model.layers.0.self_attn.attn"
 
 
 @dataclass(frozen=True)
-class Step:
+class Step(C.BatchLengths):
     """One scheduler step: per request, its new tokens (``q_lens``) and its total length
     (``seq_lens`` = cached context + new tokens), in the runner's batch order."""
 
     name: str
     q_lens: tuple[int, ...]
     seq_lens: tuple[int, ...]
-
-    @property
-    def num_reqs(self) -> int:
-        return len(self.q_lens)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.q_lens)
-
-    @property
-    def max_query_len(self) -> int:
-        return max(self.q_lens)
-
-    @property
-    def max_seq_len(self) -> int:
-        return max(self.seq_lens)
-
-    def num_blocks(self, block_size: int) -> int:
-        return sum(math.ceil(s / block_size) for s in self.seq_lens)
 
     def other_lengths(self, rng: random.Random, max_jitter: int) -> Step:
         """The same composition with other lengths and alignments (same launch shapes):
@@ -78,19 +60,15 @@ class Step:
 
 def decode_step(batch: int, ctx: int) -> Step:
     """``batch`` single-token decodes, each over ``ctx`` keys (its new token included)."""
-    return Step(f"decode_b{batch}_ctx{_k(ctx)}", (1,) * batch, (ctx,) * batch)
+    return Step(f"decode_b{batch}_ctx{C.count_label(ctx)}", (1,) * batch, (ctx,) * batch)
 
 
 def mixed_step(n_prefill: int, prefill_len: int, n_decode: int, decode_ctx: int) -> Step:
     """Fresh prompts and decodes in one step, in Model Runner V2's order (decodes first)."""
     q = (1,) * n_decode + (prefill_len,) * n_prefill
     s = (decode_ctx,) * n_decode + (prefill_len,) * n_prefill
-    name = f"mixed_{n_prefill}p{_k(prefill_len)}_{n_decode}d{_k(decode_ctx)}"
+    name = f"mixed_{n_prefill}p{C.count_label(prefill_len)}_{n_decode}d{C.count_label(decode_ctx)}"
     return Step(name, q, s)
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
 
 
 @dataclass(frozen=True)

@@ -47,73 +47,41 @@ K = 1024
 
 
 @dataclass(frozen=True)
-class Case:
-    """One batch shape. ``kv_lens`` are total key lengths (cached context + the new tokens),
+class Case(C.BatchLengths):
+    """One batch shape: ``seq_lens`` are total key lengths (cached context + the new tokens),
     which is what vLLM passes as ``seq_lens``; the queries are the last ``q_lens`` positions."""
 
     id: str
     group: str  # decode | spec | prefill | extend | mixed
     q_lens: tuple[int, ...]
-    kv_lens: tuple[int, ...]
+    seq_lens: tuple[int, ...]
     baseline: bool = False
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.q_lens)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.q_lens)
-
-    @property
-    def max_q(self) -> int:
-        return max(self.q_lens)
-
-    @property
-    def max_kv(self) -> int:
-        return max(self.kv_lens)
-
-    @property
-    def kv_tokens(self) -> int:
-        return sum(self.kv_lens)
-
-    @property
-    def attended_pairs(self) -> int:
-        """(query, key) pairs under the causal mask: query i of a sequence with context c
-        sees c + i + 1 keys."""
-        total = 0
-        for q, kv in zip(self.q_lens, self.kv_lens, strict=True):
-            c = kv - q
-            total += q * c + q * (q + 1) // 2
-        return total
-
-
-def _k(n: int) -> str:
-    return f"{n // K}k" if n % K == 0 and n >= K else str(n)
 
 
 def _decode(b: int, ctx: int, baseline: bool = False) -> Case:
-    return Case(f"decode_b{b}_ctx{_k(ctx)}", "decode", (1,) * b, (ctx,) * b, baseline)
+    return Case(f"decode_b{b}_ctx{C.count_label(ctx)}", "decode", (1,) * b, (ctx,) * b, baseline)
 
 
 def _spec(q: int, b: int, ctx: int, baseline: bool = False) -> Case:
-    return Case(f"spec_q{q}_b{b}_ctx{_k(ctx)}", "spec", (q,) * b, (ctx,) * b, baseline)
+    return Case(f"spec_q{q}_b{b}_ctx{C.count_label(ctx)}", "spec", (q,) * b, (ctx,) * b, baseline)
 
 
 def _prefill(b: int, n: int, baseline: bool = False) -> Case:
-    return Case(f"prefill_b{b}_{_k(n)}", "prefill", (n,) * b, (n,) * b, baseline)
+    return Case(f"prefill_b{b}_{C.count_label(n)}", "prefill", (n,) * b, (n,) * b, baseline)
 
 
 def _extend(b: int, q: int, ctx: int, baseline: bool = False) -> Case:
     # "q 512 over ctx 8k": 8k tokens already cached, 512 new ones, so seq_len = ctx + q.
-    return Case(f"extend_b{b}_q{q}_ctx{_k(ctx)}", "extend", (q,) * b, (ctx + q,) * b, baseline)
+    return Case(
+        f"extend_b{b}_q{q}_ctx{C.count_label(ctx)}", "extend", (q,) * b, (ctx + q,) * b, baseline
+    )
 
 
 def _mixed(n_pre: int, pre_len: int, n_dec: int, dec_ctx: int, baseline: bool = False) -> Case:
     # vLLM's model runner V2 puts decode-like requests first, then ascending query length.
     q = (1,) * n_dec + (pre_len,) * n_pre
     kv = (dec_ctx,) * n_dec + (pre_len,) * n_pre
-    cid = f"mixed_{n_pre}p{_k(pre_len)}_{n_dec}d{_k(dec_ctx)}"
+    cid = f"mixed_{n_pre}p{C.count_label(pre_len)}_{n_dec}d{C.count_label(dec_ctx)}"
     return Case(cid, "mixed", q, kv, baseline)
 
 
@@ -239,7 +207,7 @@ class Inputs:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         torch.manual_seed(seed)
         bs = geo.block_size
-        blocks_per_seq = [math.ceil(kv / bs) for kv in case.kv_lens]
+        blocks_per_seq = [math.ceil(kv / bs) for kv in case.seq_lens]
         blocks_per_copy = sum(blocks_per_seq)
         max_blocks = max(blocks_per_seq)
         self.case, self.geo, self.copies = case, geo, copies
@@ -261,7 +229,7 @@ class Inputs:
         self.block_lists: list[list[torch.Tensor]] = []  # per copy, per seq: its block ids
         pos = 0
         for _ in range(copies):
-            bt = torch.zeros((case.num_seqs, max_blocks), dtype=torch.int32)
+            bt = torch.zeros((case.num_reqs, max_blocks), dtype=torch.int32)
             per_seq = []
             for i, nb in enumerate(blocks_per_seq):
                 ids = perm[pos : pos + nb]
@@ -279,7 +247,7 @@ class Inputs:
             qsl.append(qsl[-1] + q)
         self.qsl_list = qsl
         self.query_start_loc = torch.tensor(qsl, dtype=torch.int32, device=device)
-        self.seq_lens = torch.tensor(case.kv_lens, dtype=torch.int32, device=device)
+        self.seq_lens = torch.tensor(case.seq_lens, dtype=torch.int32, device=device)
         self.scale = d**-0.5
         self.device = device
 
@@ -303,7 +271,7 @@ def _split_policy(inp: Inputs, args: argparse.Namespace) -> tuple[int, Any]:
 
     case, geo = inp.case, inp.geo
     segs = args.segments or choose_num_segments(
-        case.num_tokens, case.num_seqs, case.max_q, geo.num_kv_heads, _num_sms(inp.device)
+        case.num_tokens, case.num_reqs, case.max_query_len, geo.num_kv_heads, _num_sms(inp.device)
     )
     ws = None
     if segs > 1:
@@ -329,7 +297,7 @@ def _parse_config(spec: str, inp: Inputs) -> Any:
 
     block_m, tile_n, warps, stages = (int(x) for x in spec.split("x"))
     qpk = triton.next_power_of_2(inp.geo.num_heads // inp.geo.num_kv_heads)
-    shape = launch_shape(inp.case.max_q)
+    shape = launch_shape(inp.case.max_query_len)
     return AttentionConfig(
         max(block_m // qpk, 1), block_m, tile_n, warps, stages,
         page_lookahead=uses_page_lookahead(shape, stages),
@@ -364,7 +332,7 @@ def _new_tokens_kv(inp: Inputs) -> list[tuple[Any, Any]]:
     import torch
 
     q_lens = torch.tensor(inp.case.q_lens, device=inp.device)
-    kv_lens = torch.tensor(inp.case.kv_lens, device=inp.device)
+    kv_lens = torch.tensor(inp.case.seq_lens, device=inp.device)
     seq = torch.repeat_interleave(torch.arange(len(q_lens), device=inp.device), q_lens)
     first_token = torch.cumsum(q_lens, 0) - q_lens
     pos = (kv_lens - q_lens)[seq] + torch.arange(len(seq), device=inp.device) - first_token[seq]
@@ -388,8 +356,8 @@ def _provider_portable(
     def run(i: int, out: Any) -> None:
         unified_attention(
             inp.query[i], inp.key_cache, inp.value_cache, out, inp.query_start_loc,
-            inp.seq_lens, inp.block_tables[i], max_query_len=case.max_q,
-            max_seq_len=case.max_kv, softmax_scale=inp.scale, causal=True, num_segments=segs,
+            inp.seq_lens, inp.block_tables[i], max_query_len=case.max_query_len,
+            max_seq_len=case.max_seq_len, softmax_scale=inp.scale, causal=True, num_segments=segs,
             workspace=ws, config=cfg,
         )  # fmt: skip
 
@@ -412,17 +380,17 @@ def _provider_portable_grouped(
 
     case = inp.case
     segs, ws = _split_policy(inp, args)
-    groups = RequestGroups.allocate(case.num_seqs, inp.device)
+    groups = RequestGroups.allocate(case.num_reqs, inp.device)
     classify_requests(inp.query_start_loc, inp.seq_lens, groups, MAX_DECODE_QUERY_LEN)
     new_kv = _new_tokens_kv(inp)
-    fresh = [q for q, kv in zip(case.q_lens, case.kv_lens, strict=True) if q == kv]
+    fresh = [q for q, kv in zip(case.q_lens, case.seq_lens, strict=True) if q == kv]
     prefill_size = (sum(fresh), len(fresh))  # the plan's host-side count
 
     def run(i: int, out: Any) -> None:
         grouped_attention(
             inp.query[i], *new_kv[i], inp.key_cache, inp.value_cache, out,
             inp.query_start_loc, inp.seq_lens, inp.block_tables[i], groups,
-            max_query_len=case.max_q, max_seq_len=case.max_kv, softmax_scale=inp.scale,
+            max_query_len=case.max_query_len, max_seq_len=case.max_seq_len, softmax_scale=inp.scale,
             causal=True, num_segments=segs, workspace=ws, prefill_size=prefill_size,
             allow_tma_prefill=tma_prefill,
         )  # fmt: skip
@@ -444,8 +412,8 @@ def _provider_reference(inp: Inputs, args: argparse.Namespace) -> tuple[Provider
             inp.query_start_loc,
             inp.seq_lens,
             inp.block_tables[i],
-            max_query_len=case.max_q,
-            max_seq_len=case.max_kv,
+            max_query_len=case.max_query_len,
+            max_seq_len=case.max_seq_len,
             softmax_scale=inp.scale,
             causal=True,
         )
@@ -477,7 +445,7 @@ def _provider_triton_attn(inp: Inputs, args: argparse.Namespace) -> tuple[Provid
     segm_max = torch.empty((thr, geo.num_heads, num_par), dtype=torch.float32, device=dev)
     segm_sum = torch.empty((thr, geo.num_heads, num_par), dtype=torch.float32, device=dev)
     one = torch.ones(1, dtype=torch.float32, device=dev)
-    descale_shape = (case.num_seqs, geo.num_kv_heads)
+    descale_shape = (case.num_reqs, geo.num_kv_heads)
     k_descale = one.expand(descale_shape)
     v_descale = one.expand(descale_shape)
 
@@ -488,9 +456,9 @@ def _provider_triton_attn(inp: Inputs, args: argparse.Namespace) -> tuple[Provid
             v=inp.value_cache,
             out=out,
             cu_seqlens_q=inp.query_start_loc,
-            max_seqlen_q=case.max_q,
+            max_seqlen_q=case.max_query_len,
             seqused_k=inp.seq_lens,
-            max_seqlen_k=case.max_kv,
+            max_seqlen_k=case.max_seq_len,
             softmax_scale=inp.scale,
             causal=True,
             window_size=(-1, -1),
@@ -506,7 +474,7 @@ def _provider_triton_attn(inp: Inputs, args: argparse.Namespace) -> tuple[Provid
             softmax_segm_expsum=segm_sum,
         )
 
-    uses_3d = case.max_q == 1 and case.num_seqs <= thr
+    uses_3d = case.max_query_len == 1 and case.num_reqs <= thr
     return run, {"path": "3d" if uses_3d else "2d"}
 
 
@@ -524,9 +492,9 @@ def _provider_fa3(inp: Inputs, args: argparse.Namespace) -> tuple[ProviderFn, di
             q=inp.query[i],
             k=inp.key_cache,
             v=inp.value_cache,
-            max_seqlen_q=case.max_q,
+            max_seqlen_q=case.max_query_len,
             cu_seqlens_q=inp.query_start_loc,
-            max_seqlen_k=case.max_kv,
+            max_seqlen_k=case.max_seq_len,
             seqused_k=inp.seq_lens,
             softmax_scale=inp.scale,
             causal=True,
@@ -547,7 +515,7 @@ def _provider_flashinfer(inp: Inputs, args: argparse.Namespace) -> tuple[Provide
 
     case, geo = inp.case, inp.geo
     dev = inp.device
-    decode_only = case.max_q == 1
+    decode_only = case.max_query_len == 1
     wrappers = []
     for c in range(inp.copies):
         ws = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=dev)
@@ -557,7 +525,7 @@ def _provider_flashinfer(inp: Inputs, args: argparse.Namespace) -> tuple[Provide
             indptr.append(indptr[-1] + len(ids))
         kv_indptr = torch.tensor(indptr, dtype=torch.int32, device=dev)
         kv_indices = torch.cat(per_seq).to(device=dev, dtype=torch.int32)
-        last = [kv - (math.ceil(kv / geo.block_size) - 1) * geo.block_size for kv in case.kv_lens]
+        last = [kv - (math.ceil(kv / geo.block_size) - 1) * geo.block_size for kv in case.seq_lens]
         last_page_len = torch.tensor(last, dtype=torch.int32, device=dev)
         if decode_only:
             w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
@@ -616,7 +584,7 @@ REFERENCE_MAX_ELEMS = 2**28
 def reference_feasible(case: Case, geo: Geometry) -> bool:
     return all(
         geo.num_heads * q * kv <= REFERENCE_MAX_ELEMS
-        for q, kv in zip(case.q_lens, case.kv_lens, strict=True)
+        for q, kv in zip(case.q_lens, case.seq_lens, strict=True)
     )
 
 
@@ -723,7 +691,7 @@ def run_kernels(args: argparse.Namespace) -> int:
     cases = select_cases(args.cases, args.max_kv_tokens)
     if args.list_cases:
         rows = [
-            (c.id, c.group, c.num_seqs, c.num_tokens, c.max_kv, "yes" if c.baseline else "")
+            (c.id, c.group, c.num_reqs, c.num_tokens, c.max_seq_len, "yes" if c.baseline else "")
             for c in cases
         ]
         print(C.fmt_table(["case", "group", "seqs", "q tokens", "max kv", "baseline"], rows))
@@ -816,10 +784,10 @@ def run_kernels(args: argparse.Namespace) -> int:
             "case": case.id,
             "group": case.group,
             "baseline": case.baseline,
-            "num_seqs": case.num_seqs,
+            "num_seqs": case.num_reqs,
             "num_tokens": case.num_tokens,
-            "max_q": case.max_q,
-            "max_kv": case.max_kv,
+            "max_q": case.max_query_len,
+            "max_kv": case.max_seq_len,
             "kv_tokens": case.kv_tokens,
             "bytes": nbytes,
             "flops": flops,

@@ -249,9 +249,10 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             classify_requests(
                 cm.query_start_loc, cm.seq_lens, self.request_groups, MAX_DECODE_QUERY_LEN
             )
-            if self.host_lengths_exact:
-                active_groups = _host_active_groups(cm)
-                prefill_size = _host_prefill_size(cm)
+            lengths = _host_lengths(cm) if self.host_lengths_exact else None
+            if lengths is not None:
+                active_groups = _host_active_groups(*lengths)
+                prefill_size = _host_prefill_size(*lengths)
 
         return PortableAttentionMetadata(
             route=self.route,
@@ -272,7 +273,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
 
 def _host_lengths(cm: CommonAttentionMetadata) -> tuple[np.ndarray, np.ndarray] | None:
     """Each request's query length and whether it has context, from lengths vLLM already has on
-    the host (no sync); None if they are not there.
+    the host (no sync); None if they are not there (then every group is launched).
 
     `seq_lens_cpu_upper_bound` is exact except for asynchronous spec-decode rows, where it is
     optimistic; those rows have context either way, so a request without context (a prefill)
@@ -287,15 +288,11 @@ def _host_lengths(cm: CommonAttentionMetadata) -> tuple[np.ndarray, np.ndarray] 
     return q_lens, seq_lens.numpy()[: cm.num_reqs] - q_lens > 0
 
 
-def _host_active_groups(cm: CommonAttentionMetadata) -> tuple[bool, bool, bool] | None:
-    """Which groups hold requests (the device classifier's rule); None: launch every group.
+def _host_active_groups(q_lens: np.ndarray, has_context: np.ndarray) -> tuple[bool, bool, bool]:
+    """Which groups hold requests (the device classifier's rule), from `_host_lengths`.
 
     The flags can only over-report a group (see `_host_lengths`), never miss one.
     """
-    lengths = _host_lengths(cm)
-    if lengths is None:
-        return None
-    q_lens, has_context = lengths
     is_short = q_lens <= MAX_DECODE_QUERY_LEN
     return (
         bool((has_context & is_short & (q_lens > 0)).any()),
@@ -304,11 +301,7 @@ def _host_active_groups(cm: CommonAttentionMetadata) -> tuple[bool, bool, bool] 
     )
 
 
-def _host_prefill_size(cm: CommonAttentionMetadata) -> tuple[int, int] | None:
-    """(tokens, requests) of the fresh prefills, exactly; None if the host lengths are missing."""
-    lengths = _host_lengths(cm)
-    if lengths is None:
-        return None
-    q_lens, has_context = lengths
+def _host_prefill_size(q_lens: np.ndarray, has_context: np.ndarray) -> tuple[int, int]:
+    """(tokens, requests) of the fresh prefills, exactly, from `_host_lengths`."""
     prefill = ~has_context & (q_lens > 0)
     return int(q_lens[prefill].sum()), int(prefill.sum())

@@ -142,7 +142,7 @@ def tma_prefill_config(num_tokens: int, num_heads: int) -> AttentionConfig | Non
     of a TMA_PREFILL_HEAD_SIZES head size and 16-bit dtype (`tma_prefill_fits`).
     """
     min_tokens = tma_prefill_min_tokens(num_heads)
-    if min_tokens is None or num_tokens < min_tokens:
+    if min_tokens is None or num_tokens < max(min_tokens, 1):  # an empty group: no launch
         return None
     rows, tile_n, num_warps, num_stages = _TMA_PREFILL[_arch()][0]
     return AttentionConfig(rows, rows, tile_n, num_warps, num_stages)

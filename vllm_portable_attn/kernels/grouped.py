@@ -31,8 +31,6 @@ from vllm_portable_attn.kernels.classify import (
 )
 from vllm_portable_attn.kernels.configs import (
     MAX_DECODE_QUERY_LEN,
-    TMA_PREFILL_HEAD_SIZES,
-    AttentionConfig,
     attention_config,
     count_score_features,
     launch_shape,
@@ -114,7 +112,8 @@ def grouped_attention(
     )
     tma_cfg = None
     if dense_prefill and allow_tma_prefill and mods == 0 and causal and prefill_size:
-        tma_cfg = _tma_prefill_config(query, key, value, prefill_size[0])
+        if tma_prefill_fits(query, key, value):
+            tma_cfg = tma_prefill_config(prefill_size[0], query.shape[1])
     features = dict(
         softmax_scale=softmax_scale, causal=causal, sliding_window=sliding_window,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
@@ -139,16 +138,3 @@ def grouped_attention(
                          config=prefill_cfg, group=GROUP_PREFILL, **features)  # fmt: skip
     elif run_prefill:
         launch_attention(*paged, config=prefill_cfg, group=GROUP_PREFILL, **features)
-
-
-def _tma_prefill_config(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefill_tokens: int
-) -> AttentionConfig | None:
-    """The TMA prefill's config if it serves this launch (see `configs.tma_prefill_config`)."""
-    if prefill_tokens == 0:  # nothing to launch for; the portable launch exits at once
-        return None
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    if query.shape[2] not in TMA_PREFILL_HEAD_SIZES or not tma_prefill_fits(query, key, value):
-        return None
-    return tma_prefill_config(prefill_tokens, query.shape[1])

@@ -33,7 +33,7 @@ from vllm_portable_attn.kernels._common import (
     num_query_blocks,
     online_softmax_step,
 )
-from vllm_portable_attn.kernels.configs import AttentionConfig
+from vllm_portable_attn.kernels.configs import TMA_PREFILL_HEAD_SIZES, AttentionConfig
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -122,14 +122,18 @@ def _tma_prefill_kernel(
     )  # fmt: skip
 
 
-def tma_prefill_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether these tensors meet TMA's layout rules: [tokens, heads, head size] with heads and
-    head dims contiguous, 16-byte aligned bases and token strides, whole GQA groups.
+def tma_prefill_fits(
+    query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None
+) -> bool:
+    """Whether these tensors are in this kernel's scope: 16-bit, a TMA_PREFILL_HEAD_SIZES head
+    size, whole GQA groups, and TMA's layout rules ([tokens, heads, head size] with heads and
+    head dims contiguous, 16-byte aligned bases and token strides).
 
-    vLLM's query / key / value (views of the fused QKV projection) meet them at the head sizes
-    the config table gives this kernel.
+    vLLM's query / key / value (views of the fused QKV projection) meet the layout rules.
     """
-    if query.shape[1] % key.shape[1]:
+    if key is None or value is None or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if query.shape[2] not in TMA_PREFILL_HEAD_SIZES or query.shape[1] % key.shape[1]:
         return False
     for t in (query, key, value):
         head_size = t.shape[2]

@@ -34,6 +34,7 @@ from vllm_portable_attn import impl as impl_module
 from vllm_portable_attn import plan as plan_module
 from vllm_portable_attn.backend import PortableAttentionBackend
 from vllm_portable_attn.impl import PortableAttentionImpl
+from vllm_portable_attn.kernels import grouped as grouped_module
 from vllm_portable_attn.plan import PortableAttentionMetadata, PortableAttentionMetadataBuilder
 from vllm_portable_attn.reference import paged_attention_reference
 
@@ -460,6 +461,28 @@ def test_gpu_bf16_fp8_end_to_end(kv_cache_dtype: str, split: bool, route: str, d
     run_fp8_case(setup, batch, fp8, split=split, tolerance=TOLERANCE[torch.bfloat16])
 
 
+@pytest.mark.gpu
+def test_gpu_unified_route_large_prefill_step(route_env: pytest.MonkeyPatch, device: str) -> None:
+    """Real sizes through the builder's own minimum: on sm_90 a unified-route step with enough
+    fresh-prefill tokens takes the TMA prefill; elsewhere it stays on the unified launch."""
+    route_env.setenv(envs.ROUTE_ENV, "unified")
+    model = Model(device, **LLAMA_8B)
+    setup = model.setup()
+    min_tokens = setup.builder.tma_prefill_min_tokens
+    sm90 = torch.cuda.get_device_capability()[0] == 9 and torch.version.hip is None
+    assert (min_tokens is not None) == sm90
+    requests = [(1, 3000), (2600, 0), (300, 4000), (1500, 0), (6, 900)]
+    assert min_tokens is None or 2600 + 1500 >= min_tokens, "the step must reach the minimum"
+    tma_calls = spy(route_env, grouped_module, "tma_prefill_attention")
+    batch = model.batch(requests, num_padded_requests=2, num_padding_tokens=4)
+    oracle = oracle_copy(batch)
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    assert (md.request_groups is not None) == sm90
+    output = run_step(setup, batch, md)
+    assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+    assert len(tma_calls) == int(sm90)
+
+
 # ---------------------------------------------------------------------- edge behaviour
 
 
@@ -526,10 +549,12 @@ def test_build_runs_no_tensor_ops(route_env: pytest.MonkeyPatch, device: str) ->
 def test_gpu_build_never_syncs_or_allocates(route: str, device: str) -> None:
     model = Model(device, **LLAMA_8B)
     setup = model.setup()
-    for requests in (MIXED, DECODES):
+    # The third batch's prefill reaches the TMA prefill's minimum on sm_90 (4096 tokens at 32
+    # heads): the unified route classifies it.
+    for requests in (MIXED, DECODES, [(4100, 0), (1, 30)]):
         batch = model.batch(requests, num_padded_requests=2, num_padding_tokens=3)
         cm = common_metadata(batch, padded=True)
-        setup.builder.build(0, cm)  # first call compiles the classifier (grouped route)
+        setup.builder.build(0, cm)  # first call compiles the classifier
         torch.cuda.synchronize()
         allocated = torch.cuda.memory_allocated()
         torch.cuda.set_sync_debug_mode("error")  # any device->host sync raises
@@ -608,6 +633,70 @@ def test_grouped_build_under_adaptive_verification_launches_every_group(
     assert md.active_groups is None and md.prefill_size is None
     output = run_step(setup, batch, md)
     assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+
+
+def test_unified_route_runs_large_prefill_steps_through_the_tma_prefill(
+    route_env: pytest.MonkeyPatch, device: str
+) -> None:
+    """A unified-route step whose fresh prefills reach the builder's minimum is classified and
+    its layers run the grouped launches, the prefill group on the TMA prefill; a smaller step
+    stays on the unified launch. (Without a GPU the minimum is off, so the test sets it; the
+    interpreter's TMA row has no minimum grid of its own.)"""
+    route_env.setenv(envs.ROUTE_ENV, "unified")
+    model = Model(device, head_size=32)
+    setup = model.setup()
+    tma_calls = spy(route_env, grouped_module, "tma_prefill_attention")
+    unified_calls = spy(route_env, impl_module, "unified_attention")
+    # MIXED's fresh prompt: 17 tokens; the 63-token continuation is an extend.
+    for min_tokens, classified in ((17, True), (18, False)):
+        setup.builder.tma_prefill_min_tokens = min_tokens
+        batch = model.batch(MIXED, num_padded_requests=1, num_padding_tokens=2, seed=min_tokens)
+        oracle = oracle_copy(batch)
+        md = setup.builder.build(0, common_metadata(batch, padded=True))
+        assert (md.request_groups is not None) == classified
+        assert md.prefill_size == ((17, 1) if classified else None)
+        assert md.active_groups == ((True, True, True) if classified else None)
+        output = run_step(setup, batch, md)
+        assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+        assert (len(tma_calls), len(unified_calls)) == ((1, 0) if classified else (1, 1))
+
+
+@pytest.mark.parametrize("reason", ["sliding_window", "capture", "kv_sharing"])
+def test_unified_route_keeps_a_classified_step_where_the_tma_prefill_does_not_apply(
+    reason: str, route_env: pytest.MonkeyPatch, device: str
+) -> None:
+    """A layer with a score modifier, a CUDA-graph capture (whose graph replays other steps)
+    and a layer reading another layer's cache run a classified step on the unified launch."""
+    route_env.setenv(envs.ROUTE_ENV, "unified")
+    model = Model(device, head_size=32)
+    setup = model.setup(**({"sliding_window": 9} if reason == "sliding_window" else {}))
+    setup.builder.tma_prefill_min_tokens = 1
+    if reason == "capture":
+        route_env.setattr(impl_module, "graph_capture_in_progress", lambda: True)
+    if reason == "kv_sharing":
+        setup.impl.kv_sharing_target_layer_name = "model.layers.0.self_attn.attn"
+    grouped_calls = spy(route_env, impl_module, "grouped_attention")
+    batch = model.batch(MIXED, num_padded_requests=1, seed=4)
+    oracle = oracle_copy(batch)
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    assert md.request_groups is not None
+    output = run_step(setup, batch, md)
+    features = {"sliding_window": 9} if reason == "sliding_window" else {}
+    assert_matches(output, reference(setup, oracle, **features), batch.num_actual_tokens)
+    assert grouped_calls == []
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[dict]:
+    """Wrap `module.name` so each call's keyword arguments are recorded, then run it."""
+    calls: list[dict] = []
+    original = getattr(module, name)
+
+    def record(*args: object, **kwargs: object) -> None:
+        calls.append(kwargs)
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, record)
+    return calls
 
 
 def test_adaptive_verification_is_read_from_the_speculative_config() -> None:
@@ -870,6 +959,9 @@ def test_builder_follows_the_route(
     setup = Model(device, num_heads=4, num_kv_heads=1, head_size=32).setup()
     expected = "unified" if value == "unified" else "grouped"
     assert setup.builder.route == expected
-    assert (setup.builder.request_groups is not None) == (expected == "grouped")
-    if expected == "grouped":  # sized for vLLM's max_num_seqs (16 in make_vllm_config)
-        assert setup.builder.request_groups.seq_order.shape[0] == 16
+    # Both routes hold the classifier's buffers, sized for max_num_seqs (16 in
+    # make_vllm_config); only the grouped route classifies a plain mixed step.
+    assert setup.builder.request_groups.seq_order.shape[0] == 16
+    batch = Model(device, num_heads=4, num_kv_heads=1, head_size=32).batch(MIXED)
+    md = setup.builder.build(0, common_metadata(batch, padded=False))
+    assert (md.request_groups is not None) == (expected == "grouped")

@@ -22,7 +22,13 @@ from vllm_portable_attn._compat import (
     current_platform,
     get_logger,
 )
-from vllm_portable_attn.kernels import grouped_attention, unified_attention, write_kv_cache
+from vllm_portable_attn.kernels import (
+    choose_tma_prefill,
+    count_score_features,
+    grouped_attention,
+    unified_attention,
+    write_kv_cache,
+)
 from vllm_portable_attn.plan import PortableAttentionMetadata
 
 logger = get_logger(__name__)
@@ -160,6 +166,31 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         k_scale, v_scale = self._kv_scales(layer)
         write_kv_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
+    def _runs_grouped_launches(
+        self,
+        md: PortableAttentionMetadata,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
+        key_cache: torch.Tensor,
+        prefill_size: tuple[int, int] | None,
+    ) -> bool:
+        """The grouped route always; on the unified route, a step the builder classified for
+        the TMA prefill, in a layer where that kernel applies (plan.py's module docstring):
+        the grouped launches are how its prefills reach it."""
+        if md.route == "grouped":
+            return True
+        if md.request_groups is None:
+            return False
+        score_features = count_score_features(
+            self.sliding_window, self.logits_soft_cap, self.alibi_slopes, self.sinks
+        )
+        tma_config = choose_tma_prefill(
+            query, key, value, key_cache, causal=True, score_features=score_features,
+            prefill_size=prefill_size,
+        )  # fmt: skip
+        return tma_config is not None
+
     def forward(
         self,
         layer: AttentionLayer,
@@ -175,7 +206,7 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         """Attention of ``query[:num_actual_tokens]`` over the cache, into ``output`` in place.
 
         The cache already holds this step's K/V (do_kv_cache_update ran first). The unified
-        route reads only the cache; the grouped route reads fresh prompts' K/V straight from
+        launch reads only the cache; the grouped launches read fresh prompts' K/V straight from
         ``key``/``value``. Rows of ``output`` past ``num_actual_tokens`` (padding) are left as
         they are.
         """
@@ -208,29 +239,26 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             workspace=md.workspace,
         )
         lengths = (md.query_start_loc, md.seq_lens, md.block_table)
-        if md.route == "grouped":
-            # A layer that shares another layer's cache did not write its own K/V there, so
-            # its key/value are not what the cache holds: its prefills must read the cache.
-            dense = key is not None and value is not None and not self.kv_sharing_target_layer_name
-            capturing = graph_capture_in_progress()
-            grouped_attention(
-                query[:num_tokens],
-                key[:num_tokens] if dense else None,
-                value[:num_tokens] if dense else None,
-                key_cache,
-                value_cache,
-                output[:num_tokens],
-                *lengths,
-                md.request_groups,
-                # Host-side facts about this step's groups; a captured graph replays other steps.
-                active_groups=None if capturing else md.active_groups,
-                prefill_size=None if capturing else md.prefill_size,
-                **options,
-            )
+        query, output_rows = query[:num_tokens], output[:num_tokens]
+        # A layer that shares another layer's cache did not write its own K/V there, so its
+        # key/value are not what the cache holds: its prefills must read the cache.
+        if key is None or value is None or self.kv_sharing_target_layer_name:
+            key = value = None
         else:
-            unified_attention(
-                query[:num_tokens], key_cache, value_cache, output[:num_tokens], *lengths, **options
-            )
+            key, value = key[:num_tokens], value[:num_tokens]
+        # Host-side facts about a classified step's groups; a captured graph replays other
+        # steps, so a capture must not use them.
+        capturing = md.request_groups is not None and graph_capture_in_progress()
+        active_groups = None if capturing else md.active_groups
+        prefill_size = None if capturing else md.prefill_size
+        if self._runs_grouped_launches(md, query, key, value, key_cache, prefill_size):
+            grouped_attention(
+                query, key, value, key_cache, value_cache, output_rows, *lengths,
+                md.request_groups, active_groups=active_groups, prefill_size=prefill_size,
+                **options,
+            )  # fmt: skip
+        else:
+            unified_attention(query, key_cache, value_cache, output_rows, *lengths, **options)
         return output
 
 

@@ -15,7 +15,11 @@ count and any query lengths, so this costs speed at most, never correctness.
 
 Routes (``PORTABLE_ATTN_ROUTE``, see envs.py):
 
-* ``unified``: one launch over the whole mixed batch, in vLLM's batch order.
+* ``unified``: one launch over the whole mixed batch, in vLLM's batch order. The exception is
+  an eager step whose fresh prefills hold at least ``tma_prefill_min_tokens`` tokens on a GPU
+  with the TMA prefill (sm_90): ``build`` classifies it as the grouped route does, and layers
+  where that kernel applies run the step through the grouped launches, so its prefills take the
+  TMA prefill (H200, 8k prompt: 1185 us against the unified kernel's 1443; NOTES.md).
 * ``grouped``: ``build`` launches the request classifier, which sorts this step's requests into
   decode / extend / prefill groups on the device (from each request's own lengths, never from
   its position: vLLM's V2 runner may put a short fresh prompt before a long extend) into
@@ -83,12 +87,14 @@ class PortableAttentionMetadata(AttentionMetadata):
     slot_mapping: torch.Tensor  # [num_tokens] int64, -1 for padded tokens
     num_segments: int  # split-KV segments per sequence; 1 = no split
     workspace: SplitKVWorkspace | None  # set whenever this builder can split
-    request_groups: RequestGroups | None  # grouped route: this step's classification
-    # grouped route: which of (decode, extend, prefill) hold requests, from host-side lengths;
-    # None when unknown. Only eager launches may use it (see PortableAttentionImpl.forward).
+    # This step's classification: every step on the grouped route; on the unified route only
+    # a step classified for the TMA prefill (see the module docstring), else None.
+    request_groups: RequestGroups | None
+    # Classified steps: which of (decode, extend, prefill) hold requests, from host-side
+    # lengths; None when unknown. Only eager launches may use it (PortableAttentionImpl.forward).
     active_groups: tuple[bool, bool, bool] | None = None
-    # grouped route: (tokens, requests) of the fresh prefills, from host-side lengths; None when
-    # unknown. It sizes the TMA prefill's grid, so it too is for eager launches only.
+    # Classified steps: (tokens, requests) of the fresh prefills, from host-side lengths; None
+    # when unknown. It sizes the TMA prefill's grid, so it too is for eager launches only.
     prefill_size: tuple[int, int] | None = None
 
 
@@ -165,13 +171,19 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         # vLLM 0.33's adaptive verification trims verify queries on the device only, so the
         # host's query lengths are then upper bounds and cannot tell which groups are empty.
         self.host_lengths_exact: bool = not adaptive_verification_enabled(vllm_config)
-        self.request_groups: RequestGroups | None = None
-        if self.route == "grouped":
-            # vLLM never schedules more than max_num_seqs requests, padded ones included; a
-            # larger batch makes classify_requests raise rather than overflow.
-            self.request_groups = RequestGroups.allocate(
-                vllm_config.scheduler_config.max_num_seqs, device
-            )
+        # Unified route: fewest fresh-prefill tokens that send a step through the TMA prefill;
+        # None where it cannot run (not sm_90, or a dtype / head size outside its scope).
+        # Public so tests can turn it on without a GPU.
+        self.tma_prefill_min_tokens: int | None = None
+        if self.route == "unified" and torch.device(device).type == "cuda" and self.num_heads:
+            if self._tma_prefill_in_scope(kv_cache_spec):
+                self.tma_prefill_min_tokens = tma_prefill_min_tokens(self.num_heads)
+        # Small (a few ints per request), so both routes keep one. vLLM never schedules more
+        # than max_num_seqs requests, padded ones included; a larger batch makes
+        # classify_requests raise rather than overflow.
+        self.request_groups: RequestGroups = RequestGroups.allocate(
+            vllm_config.scheduler_config.max_num_seqs, device
+        )
         logger.info_once(
             "vllm_portable_attn: route=%s, split-KV workspace %s (query heads %s, kv heads %d, "
             "head size %d, %d SMs)",
@@ -191,15 +203,27 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 config_table_name(),
                 _gpu_description(torch.device(device)),
             )
-            min_tokens = tma_prefill_min_tokens(self.num_heads) if self.num_heads else None
-            if self.route == "grouped" and min_tokens is not None:
+            min_tokens = self.tma_prefill_min_tokens
+            if self.route == "grouped" and self.num_heads:
+                min_tokens = tma_prefill_min_tokens(self.num_heads)
+            if min_tokens is not None:
                 logger.info_once(
                     "vllm_portable_attn: eager steps with at least %d fresh-prefill tokens run "
-                    "them through the TMA prefill (plain causal attention, 16-bit K/V, head "
+                    "them through the TMA prefill%s (plain causal attention, 16-bit K/V, head "
                     "size %s)",
                     min_tokens,
+                    " and the grouped launches" if self.route == "unified" else "",
                     "/".join(map(str, TMA_PREFILL_HEAD_SIZES)),
                 )
+
+    @staticmethod
+    def _tma_prefill_in_scope(kv_cache_spec: AttentionSpec) -> bool:
+        """Whether this group's cache can feed the TMA prefill: 16-bit (not fp8, whose
+        prefills must read the quantised cache) at one of its head sizes."""
+        return (
+            kv_cache_spec.dtype in (torch.float16, torch.bfloat16)
+            and kv_cache_spec.head_size in TMA_PREFILL_HEAD_SIZES
+        )
 
     @staticmethod
     def _resolve_num_heads(vllm_config: VllmConfig, layer_names: list[str]) -> int | None:
@@ -219,8 +243,9 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
     ) -> PortableAttentionMetadata:
         """Pass the runner's tensors through and choose the split-KV segment count.
 
-        Reads only host-side ints and allocates nothing. On the grouped route it also launches
-        the request classifier (asynchronously, on the current stream).
+        Reads only host-side ints and allocates nothing. On the grouped route, and for a
+        unified-route step with enough fresh-prefill tokens for the TMA prefill, it also
+        launches the request classifier (asynchronously, on the current stream).
         """
         cm = common_attn_metadata
         if common_prefix_len:
@@ -242,17 +267,23 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 # The policy already refuses such batches; guard against a policy change.
                 num_segments = 1
 
-        active_groups = prefill_size = None
-        if self.request_groups is not None:
-            # The decode group takes every query up to the decode-tile bound, so spec-decode
-            # verify steps (1 + num_speculative_tokens <= 8) run as decodes.
-            classify_requests(
-                cm.query_start_loc, cm.seq_lens, self.request_groups, MAX_DECODE_QUERY_LEN
-            )
+        request_groups = active_groups = prefill_size = None
+        if self.route == "grouped" or self._may_take_tma_prefill(cm.num_actual_tokens):
             lengths = _host_lengths(cm) if self.host_lengths_exact else None
             if lengths is not None:
                 active_groups = _host_active_groups(*lengths)
                 prefill_size = _host_prefill_size(*lengths)
+            if self.route == "grouped" or (
+                prefill_size is not None and self._may_take_tma_prefill(prefill_size[0])
+            ):
+                # The decode group takes every query up to the decode-tile bound, so spec-decode
+                # verify steps (1 + num_speculative_tokens <= 8) run as decodes.
+                classify_requests(
+                    cm.query_start_loc, cm.seq_lens, self.request_groups, MAX_DECODE_QUERY_LEN
+                )
+                request_groups = self.request_groups
+            else:  # a unified-route step that stays on the unified launch
+                active_groups = prefill_size = None
 
         return PortableAttentionMetadata(
             route=self.route,
@@ -265,10 +296,16 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             slot_mapping=cm.slot_mapping,
             num_segments=num_segments,
             workspace=self.workspace,
-            request_groups=self.request_groups,
+            request_groups=request_groups,
             active_groups=active_groups,
             prefill_size=prefill_size,
         )
+
+    def _may_take_tma_prefill(self, num_tokens: int) -> bool:
+        """Unified route: whether `num_tokens` reach the TMA prefill's minimum. Tested first on
+        the step's tokens (cheap), then on its fresh-prefill tokens."""
+        min_tokens = self.tma_prefill_min_tokens
+        return min_tokens is not None and num_tokens >= max(min_tokens, 1)
 
 
 def _host_lengths(cm: CommonAttentionMetadata) -> tuple[np.ndarray, np.ndarray] | None:

@@ -18,9 +18,11 @@ from vllm_portable_attn.kernels.configs import (
     MAX_SPLIT_TOKENS,
     attention_config,
     choose_num_segments,
+    count_score_features,
 )
 from vllm_portable_attn.kernels.grouped import grouped_attention
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
+from vllm_portable_attn.kernels.tma_prefill import choose_tma_prefill
 from vllm_portable_attn.kernels.unified import unified_attention
 
 __all__ = [
@@ -35,7 +37,9 @@ __all__ = [
     "SplitKVWorkspace",
     "attention_config",
     "choose_num_segments",
+    "choose_tma_prefill",
     "classify_requests",
+    "count_score_features",
     "grouped_attention",
     "merge_segments",
     "unified_attention",

@@ -34,10 +34,9 @@ from vllm_portable_attn.kernels.configs import (
     attention_config,
     count_score_features,
     launch_shape,
-    tma_prefill_config,
 )
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
-from vllm_portable_attn.kernels.tma_prefill import tma_prefill_attention, tma_prefill_fits
+from vllm_portable_attn.kernels.tma_prefill import choose_tma_prefill, tma_prefill_attention
 from vllm_portable_attn.kernels.unified import (
     head_pad,
     queries_per_kv_pad,
@@ -111,9 +110,11 @@ def grouped_attention(
         pad_d, pad_q, max_query_len, "prefill_dense" if dense_prefill else "prefill", elem, mods
     )
     tma_cfg = None
-    if dense_prefill and allow_tma_prefill and mods == 0 and causal and prefill_size:
-        if tma_prefill_fits(query, key, value):
-            tma_cfg = tma_prefill_config(prefill_size[0], query.shape[1])
+    if allow_tma_prefill:
+        tma_cfg = choose_tma_prefill(
+            query, key, value, key_cache, causal=causal, score_features=mods,
+            prefill_size=prefill_size,
+        )  # fmt: skip
     features = dict(
         softmax_scale=softmax_scale, causal=causal, sliding_window=sliding_window,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,

@@ -33,7 +33,11 @@ from vllm_portable_attn.kernels._common import (
     num_query_blocks,
     online_softmax_step,
 )
-from vllm_portable_attn.kernels.configs import TMA_PREFILL_HEAD_SIZES, AttentionConfig
+from vllm_portable_attn.kernels.configs import (
+    TMA_PREFILL_HEAD_SIZES,
+    AttentionConfig,
+    tma_prefill_config,
+)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -142,6 +146,31 @@ def tma_prefill_fits(
         if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
             return False
     return True
+
+
+def choose_tma_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
+    key_cache: torch.Tensor,
+    *,
+    causal: bool,
+    score_features: int,
+    prefill_size: tuple[int, int] | None,
+) -> AttentionConfig | None:
+    """The TMA prefill's config if a step's fresh prefills take it, else None.
+
+    They do when the prefill group is large enough for this GPU's row (`prefill_size`, the
+    group's host-known (tokens, requests); None, as under CUDA-graph capture, means no), the
+    attention is plain causal (`score_features` counts windows, soft caps, ALiBi and sinks), and
+    the new tokens' K/V are given, unquantised (an fp8 cache's prefills must see its quantised
+    keys) and in this kernel's scope (`tma_prefill_fits`).
+    """
+    if not causal or score_features or not prefill_size or key_cache.dtype != query.dtype:
+        return None
+    if not tma_prefill_fits(query, key, value):
+        return None
+    return tma_prefill_config(prefill_size[0], query.shape[1])
 
 
 def tma_prefill_attention(

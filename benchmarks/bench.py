@@ -1122,14 +1122,12 @@ def e2e_worker(args: argparse.Namespace) -> int:
         )
     for w in workloads:
         if args.warmup:
-            # A scaled-down copy of the workload (other token ids, so the prefix cache cannot
-            # serve the timed prompts) reaches the step shapes the timed run starts with, e.g.
-            # steps with enough fresh-prefill tokens for CUSTOM's TMA prefill, whose kernels
-            # would otherwise compile inside the timed region.
-            warm_w = replace(
-                w, num_prompts=max(w.num_prompts // 8, min(w.num_prompts, 8)), output_len=16
-            )
-            warm_reqs = make_requests(warm_w, vocab, args.seed + 1)
+            # The workload's prompts once more, untimed, with other token ids (so the prefix
+            # cache cannot serve the timed ones) and 16 output tokens: every step shape the timed
+            # run has (decodes beside prefill chunks and their continuations, or enough
+            # fresh-prefill tokens for CUSTOM's TMA prefill) is seen first, so no kernel compiles
+            # inside the timed region (a copy with 1/8 of the prompts may not reach them all).
+            warm_reqs = make_requests(replace(w, output_len=16), vocab, args.seed + 1)
             llm.generate(
                 [TokensPrompt(prompt_token_ids=ids) for ids, _ in warm_reqs],
                 SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False),
@@ -1474,7 +1472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-warmup",
         dest="warmup",
         action="store_false",
-        help="skip the untimed warm-ups (a short generate, then a small copy of each workload)",
+        help="skip the untimed warm-ups (a short generate, then each workload's prompts)",
     )
     ep.add_argument(
         "--timeout-per-backend",

@@ -5,6 +5,7 @@ must be set before Triton is first imported, which is why it lives at the top of
 """
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -63,3 +64,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str], list[dict]]:
+    """`spy(module, name)` wraps `module.name` for the test: each call's keyword arguments are
+    recorded in the returned list, then the original runs."""
+
+    def wrap(module: object, name: str) -> list[dict]:
+        calls: list[dict] = []
+        original = getattr(module, name)
+
+        def record(*args: object, **kwargs: object) -> object:
+            calls.append(kwargs)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+        return calls
+
+    return wrap

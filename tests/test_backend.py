@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -39,6 +39,9 @@ from vllm_portable_attn.plan import PortableAttentionMetadata, PortableAttention
 from vllm_portable_attn.reference import paged_attention_reference
 
 LAYER = "model.layers.0.self_attn.attn"
+
+# tests/conftest.py's `spy` fixture.
+Spy = Callable[[object, str], list[dict]]
 
 # Kernel (fp16/fp32 storage, fp32 accumulation) against the fp32 reference.
 TOLERANCE = {
@@ -462,7 +465,9 @@ def test_gpu_bf16_fp8_end_to_end(kv_cache_dtype: str, split: bool, route: str, d
 
 
 @pytest.mark.gpu
-def test_gpu_unified_route_large_prefill_step(route_env: pytest.MonkeyPatch, device: str) -> None:
+def test_gpu_unified_route_large_prefill_step(
+    route_env: pytest.MonkeyPatch, device: str, spy: Spy
+) -> None:
     """Real sizes through the builder's own minimum: on sm_90 a unified-route step with enough
     fresh-prefill tokens takes the TMA prefill; elsewhere it stays on the unified launch."""
     route_env.setenv(envs.ROUTE_ENV, "unified")
@@ -473,7 +478,7 @@ def test_gpu_unified_route_large_prefill_step(route_env: pytest.MonkeyPatch, dev
     assert (min_tokens is not None) == sm90
     requests = [(1, 3000), (2600, 0), (300, 4000), (1500, 0), (6, 900)]
     assert min_tokens is None or 2600 + 1500 >= min_tokens, "the step must reach the minimum"
-    tma_calls = spy(route_env, grouped_module, "tma_prefill_attention")
+    tma_calls = spy(grouped_module, "tma_prefill_attention")
     batch = model.batch(requests, num_padded_requests=2, num_padding_tokens=4)
     oracle = oracle_copy(batch)
     md = setup.builder.build(0, common_metadata(batch, padded=True))
@@ -639,7 +644,7 @@ def test_grouped_build_under_adaptive_verification_launches_every_group(
     torch.cuda.is_available(), reason="on a GPU the minimum grid decides (test_gpu_unified_...)"
 )
 def test_unified_route_runs_large_prefill_steps_through_the_tma_prefill(
-    route_env: pytest.MonkeyPatch, device: str
+    route_env: pytest.MonkeyPatch, device: str, spy: Spy
 ) -> None:
     """A unified-route step whose fresh prefills reach the builder's minimum is classified and
     its layers run the grouped launches, the prefill group on the TMA prefill; a smaller step
@@ -648,8 +653,8 @@ def test_unified_route_runs_large_prefill_steps_through_the_tma_prefill(
     route_env.setenv(envs.ROUTE_ENV, "unified")
     model = Model(device, head_size=32)
     setup = model.setup()
-    tma_calls = spy(route_env, grouped_module, "tma_prefill_attention")
-    unified_calls = spy(route_env, impl_module, "unified_attention")
+    tma_calls = spy(grouped_module, "tma_prefill_attention")
+    unified_calls = spy(impl_module, "unified_attention")
     # MIXED's fresh prompt: 17 tokens; the 63-token continuation is an extend.
     for min_tokens, classified in ((17, True), (18, False)):
         setup.builder.tma_prefill_min_tokens = min_tokens
@@ -666,7 +671,7 @@ def test_unified_route_runs_large_prefill_steps_through_the_tma_prefill(
 
 @pytest.mark.parametrize("reason", ["sliding_window", "capture", "kv_sharing"])
 def test_unified_route_keeps_a_classified_step_where_the_tma_prefill_does_not_apply(
-    reason: str, route_env: pytest.MonkeyPatch, device: str
+    reason: str, route_env: pytest.MonkeyPatch, device: str, spy: Spy
 ) -> None:
     """A layer with a score modifier, a CUDA-graph capture (whose graph replays other steps)
     and a layer reading another layer's cache run a classified step on the unified launch."""
@@ -678,7 +683,7 @@ def test_unified_route_keeps_a_classified_step_where_the_tma_prefill_does_not_ap
         route_env.setattr(impl_module, "graph_capture_in_progress", lambda: True)
     if reason == "kv_sharing":
         setup.impl.kv_sharing_target_layer_name = "model.layers.0.self_attn.attn"
-    grouped_calls = spy(route_env, impl_module, "grouped_attention")
+    grouped_calls = spy(impl_module, "grouped_attention")
     batch = model.batch(MIXED, num_padded_requests=1, seed=4)
     oracle = oracle_copy(batch)
     md = setup.builder.build(0, common_metadata(batch, padded=True))
@@ -687,19 +692,6 @@ def test_unified_route_keeps_a_classified_step_where_the_tma_prefill_does_not_ap
     features = {"sliding_window": 9} if reason == "sliding_window" else {}
     assert_matches(output, reference(setup, oracle, **features), batch.num_actual_tokens)
     assert grouped_calls == []
-
-
-def spy(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[dict]:
-    """Wrap `module.name` so each call's keyword arguments are recorded, then run it."""
-    calls: list[dict] = []
-    original = getattr(module, name)
-
-    def record(*args: object, **kwargs: object) -> None:
-        calls.append(kwargs)
-        original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, record)
-    return calls
 
 
 def test_adaptive_verification_is_read_from_the_speculative_config() -> None:

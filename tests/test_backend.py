@@ -9,6 +9,7 @@ kernels run under Triton's interpreter (tests/conftest.py), so CPU cases stay sm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from paged_batch import (
     scatter_new_tokens,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton import knobs
 from vllm.config import CacheConfig, DeviceConfig, SchedulerConfig, VllmConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.platforms import current_platform
@@ -32,10 +34,14 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm_portable_attn import _compat, envs
 from vllm_portable_attn import impl as impl_module
 from vllm_portable_attn import plan as plan_module
+from vllm_portable_attn import precompile as precompile_module
 from vllm_portable_attn.backend import PortableAttentionBackend
 from vllm_portable_attn.impl import PortableAttentionImpl
+from vllm_portable_attn.kernels import MAX_DECODE_QUERY_LEN
 from vllm_portable_attn.kernels import grouped as grouped_module
+from vllm_portable_attn.kernels.compile_only import CompileCount, jit_kernels
 from vllm_portable_attn.plan import PortableAttentionMetadata, PortableAttentionMetadataBuilder
+from vllm_portable_attn.precompile import StepShape, step_shapes
 from vllm_portable_attn.reference import paged_attention_reference
 
 LAYER = "model.layers.0.self_attn.attn"
@@ -151,9 +157,13 @@ def make_setup(
     kv_cache_dtype: str = "auto",
     fp8_scales: tuple[float, float] | None = None,
     register_layer: bool = True,
+    precompile: bool = False,
     **impl_features: object,
 ) -> Setup:
-    """Construct impl, layer and builder in vLLM's order: layers at model init, then builders."""
+    """Construct impl, layer and builder in vLLM's order: layers at model init, then builders.
+
+    precompile=False (the default) turns the builder's precompile off, so each GPU test
+    compiles only what it launches."""
     cfg = make_vllm_config(block_size)
     spec = FullAttentionSpec(
         block_size=block_size,
@@ -180,6 +190,8 @@ def make_setup(
     if register_layer:
         cfg.compilation_config.static_forward_context[LAYER] = layer
     builder = PortableAttentionBackend.get_builder_cls()(spec, [LAYER], cfg, torch.device(device))
+    if not precompile:
+        builder.precompile = None
     return Setup(cfg, spec, impl, layer, builder)
 
 
@@ -692,6 +704,166 @@ def test_unified_route_keeps_a_classified_step_where_the_tma_prefill_does_not_ap
     features = {"sliding_window": 9} if reason == "sliding_window" else {}
     assert_matches(output, reference(setup, oracle, **features), batch.num_actual_tokens)
     assert grouped_calls == []
+
+
+# ---------------------------------------------------------------------- precompile
+
+
+def test_precompile_plan_covers_every_step_the_builder_plans(route: str, device: str) -> None:
+    """Each step's launch-deciding facts (longest query, segment count, classified or not) are
+    among the plan's step shapes: decode and spec-verify batches of every size that splits,
+    padded ones, and prefill-shaped steps."""
+    model = Model(device, **{**LLAMA_8B, "dtype": torch.float16})
+    setup = model.setup()
+    setup.builder.num_sms = 132  # an H100's split-KV choices
+    plan = setup.builder.precompile_plan()
+    shapes = step_shapes(plan, route)
+    seen_segments = set()
+    for num_reqs in range(1, 17):  # the test config's max_num_seqs
+        for q_len, padding in ((1, 0), (3, 0), (8, 0), (1, 64), (20, 0)):
+            requests = [(q_len, 5)] * num_reqs
+            batch = model.batch(requests, num_padding_tokens=padding)
+            md = setup.builder.build(0, common_metadata(batch, padded=True))
+            classified = md.request_groups is not None
+            shape = StepShape(min(md.max_query_len, MAX_DECODE_QUERY_LEN + 1), md.num_segments,
+                              classified)  # fmt: skip
+            assert shape in shapes, (requests, padding)
+            seen_segments.add(md.num_segments)
+    assert seen_segments == {1, 8, 16, 32}
+    assert set(plan.segment_counts) == {1, 4, 8, 16, 32}  # 4: 17 to 32 requests
+
+
+def test_precompile_runs_every_step_shape_under_compile_only(
+    route: str, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """precompile_step_shapes hands `attend` one metadata per step shape, changed in its
+    launch-deciding facts only, and all of it inside compile_only; a TMA shape carries the
+    builder's request groups and a prefill group at the minimum, a split shape fits the
+    workspace. (compile_only itself needs a GPU: test_gpu_precompile_...)"""
+    model = Model(device)
+    setup = model.setup()
+    setup.builder.num_sms = 16
+    # A TMA minimum, as on sm_90 (the builder has none on the CPU).
+    plan = dataclasses.replace(setup.builder.precompile_plan(), tma_prefill_tokens=40)
+    inside = []
+
+    @contextlib.contextmanager
+    def fake_compile_only() -> Iterator[CompileCount]:
+        inside.append(True)
+        yield CompileCount()
+        inside.append(False)
+
+    classified_by_builder = []
+    monkeypatch.setattr(precompile_module, "compile_only", fake_compile_only)
+    monkeypatch.setattr(
+        precompile_module, "classify_requests", lambda *a: classified_by_builder.append(inside)
+    )
+    batch = model.batch(MIXED, num_padded_requests=1)  # 87 tokens: more than a split holds
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    seen: list[PortableAttentionMetadata] = []
+    precompile_module.precompile_step_shapes(
+        lambda shape_md: seen.append(shape_md) or None, md, plan
+    )
+    assert inside == [True, False] and len(classified_by_builder) == 1
+    assert len(seen) == len(step_shapes(plan, route))
+    tma_shapes = [m for m in seen if m.prefill_size is not None]
+    assert len(tma_shapes) == MAX_DECODE_QUERY_LEN + 1
+    for m in seen:
+        assert m.active_groups is None
+        assert m.query_start_loc is md.query_start_loc and m.block_table is md.block_table
+        if m.num_segments > 1:
+            assert m.num_actual_tokens == plan.max_split_tokens < md.num_actual_tokens
+        else:
+            assert m.num_actual_tokens == md.num_actual_tokens
+        if m.prefill_size is not None:
+            assert m.prefill_size == (40, 1) and m.request_groups is plan.request_groups
+        else:
+            assert m.request_groups is (plan.request_groups if route == "grouped" else None)
+    assert {(m.max_query_len, m.num_segments) for m in seen} >= {
+        (q, s) for q in range(1, MAX_DECODE_QUERY_LEN + 1) for s in plan.segment_counts
+    }
+
+
+def test_forward_precompiles_once_at_the_first_eager_step(
+    route: str, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not without a plan (CPU builders have none), not in a capture, then once per layer; the
+    step's output is unchanged."""
+    model = Model(device)
+    setup = model.setup()
+    calls: list[PortableAttentionMetadata] = []
+    monkeypatch.setattr(
+        impl_module, "precompile_step_shapes", lambda attend, md, plan: calls.append(md)
+    )
+    steps = [(None, False), (setup.builder.precompile_plan(), True)]
+    steps += [(setup.builder.precompile_plan(), False)] * 2
+    for i, (plan, capturing) in enumerate(steps):
+        monkeypatch.setattr(impl_module, "graph_capture_in_progress", lambda c=capturing: c)
+        batch = model.batch(MIXED, seed=i)
+        oracle = oracle_copy(batch)
+        md = dataclasses.replace(
+            setup.builder.build(0, common_metadata(batch, padded=False)), precompile=plan
+        )
+        output = run_step(setup, batch, md)
+        assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+        assert len(calls) == (0, 0, 1, 1)[i]
+    assert calls[0].max_query_len == max(q for q, _ in MIXED)
+
+
+def _with_block_table_width(batch: PagedBatch, width: int) -> PagedBatch:
+    """The batch with its block table as a view of a `width`-page table, as vLLM's runner
+    keeps one persistent table (Triton specialises on its row stride)."""
+    wide = torch.zeros(batch.block_table.shape[0], width, dtype=torch.int32,
+                       device=batch.block_table.device)  # fmt: skip
+    wide[:, : batch.block_table.shape[1]] = batch.block_table
+    return dataclasses.replace(batch, block_table=wide)
+
+
+@pytest.mark.gpu
+def test_gpu_precompile_leaves_nothing_to_compile_for_later_steps(
+    route: str, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a layer's first step (vLLM's warm-up shape: a 2-token prompt and a decode), no
+    later step compiles a kernel: spec-verify tiles, split-KV segment counts, extends,
+    prefills and (on sm_90) the TMA steps. Triton's in-memory caches are emptied first, so no
+    earlier test can have compiled them; without the precompile the same steps do compile."""
+    model = Model(device, **LLAMA_8B)
+    warmup = [(2, 0), (1, 20)]
+    later = [
+        [(1, 700)],  # 32 segments
+        [(3, 200), (1, 50), (5, 90)],  # spec-verify, 32 segments
+        [(6, 90)] * 6,  # 16 segments
+        [(8, 40)] * 8,  # 8 segments (64 tokens)
+        [(1, 30)] * 10,  # padded past the split bound below: no split
+        [(40, 100), (1, 30), (300, 0)],  # extend, decode, prefill
+        [(4100, 0), (1, 30), (5, 70), (200, 64)],  # a TMA step on sm_90
+    ]
+    compiled: list[str] = []
+    monkeypatch.setattr(
+        knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["fn"].name)
+    )
+
+    def run_steps(precompile: bool) -> tuple[int, list[str]]:
+        for _, _, fn in jit_kernels():
+            fn.device_caches.clear()
+        compiled.clear()
+        setup = model.setup(precompile=precompile)
+        for i, requests in enumerate([warmup, *later]):
+            if i == 1:
+                at_warmup = len(compiled)
+            padding = 60 if requests == later[4] else 0
+            batch = model.batch(requests, num_padding_tokens=padding, seed=i)
+            batch = _with_block_table_width(batch, 512)
+            oracle = oracle_copy(batch)
+            md = setup.builder.build(0, common_metadata(batch, padded=True))
+            output = run_step(setup, batch, md)
+            assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+        return at_warmup, compiled[at_warmup:]
+
+    at_warmup, after_warmup = run_steps(precompile=True)
+    assert at_warmup > 5 and after_warmup == []
+    _, without = run_steps(precompile=False)
+    assert "attention_kernel" in without
 
 
 def test_adaptive_verification_is_read_from_the_speculative_config() -> None:

@@ -71,7 +71,6 @@ import io
 import json
 import multiprocessing
 import os
-import pkgutil
 import re
 import signal
 import subprocess
@@ -86,10 +85,10 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from vllm_portable_attn import kernels as kernels_pkg
 from vllm_portable_attn.kernels import configs
 from vllm_portable_attn.kernels.cache_write import write_kv_cache
 from vllm_portable_attn.kernels.classify import RequestGroups, classify_requests
+from vllm_portable_attn.kernels.compile_only import run_replaced
 from vllm_portable_attn.kernels.configs import (
     MAX_DECODE_QUERY_LEN,
     MAX_SEGMENTS,
@@ -307,47 +306,21 @@ class Launch:
     scenario: str
 
 
-def _jit_kernels() -> list[tuple[str, str, Any]]:
-    """(module, attribute, JITFunction) of every @triton.jit object in the kernel package."""
-    from triton.runtime.jit import JITFunction
-
-    found = []
-    for info in pkgutil.iter_modules(kernels_pkg.__path__, kernels_pkg.__name__ + "."):
-        module = importlib.import_module(info.name)
-        for attr, obj in vars(module).items():
-            if isinstance(obj, JITFunction) and obj.__module__ == module.__name__:
-                found.append((module.__name__, attr, obj))
-    if not found:
-        raise RuntimeError(
-            "no compilable @triton.jit kernels found; is TRITON_INTERPRET set? "
-            "(interpreted kernels cannot be compiled: unset it)"
-        )
-    return found
-
-
 @contextlib.contextmanager
 def _recording(launches: list[Launch], scenario: str) -> Iterator[None]:
-    """Replace each kernel's `run` with a recorder for the duration of the block.
+    """Inside the block, `kernel[grid](...)` records its arguments instead of launching."""
 
-    `kernel[grid](...)` resolves `self.run` at call time, so an instance attribute shadows the
-    class method; deleting it restores the real one.
-    """
-    kernels = _jit_kernels()
+    def recorder(module: str, name: str, fn: Any) -> Any:
+        del fn
 
-    def recorder(module: str, name: str) -> Any:
         def run(*args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
             del grid, warmup
             launches.append(Launch(module, name, args, kwargs, scenario))
 
         return run
 
-    for module, name, fn in kernels:
-        fn.run = recorder(module, name)
-    try:
+    with run_replaced(recorder):
         yield
-    finally:
-        for _, _, fn in kernels:
-            del fn.run
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from vllm_portable_attn.kernels import (
     write_kv_cache,
 )
 from vllm_portable_attn.plan import PortableAttentionMetadata
+from vllm_portable_attn.precompile import precompile_step_shapes
 
 logger = get_logger(__name__)
 
@@ -122,6 +123,8 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         # float8_e5m2 (as FLASHINFER reads it; TRITON_ATTN would use the platform's e4m3 type),
         # fp8 / fp8_e4m3 the platform's e4m3 type (e4m3fnuz on MI300).
         self.fp8_dtype: torch.dtype | None = _fp8_view_dtype(kv_cache_dtype)
+        # Until this layer's first eager step has compiled its launches (precompile.py).
+        self._precompile_pending = True
         logger.info_once(
             "vllm_portable_attn: route=%s, heads %d/%d (q/kv), head size %d, kv cache %s, "
             "sliding window %s, softcap %s, alibi %s, sinks %s",
@@ -217,13 +220,38 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             # Memory-profiling run: no metadata, and the cache is a placeholder.
             return output.fill_(0)
 
-        md = attn_metadata
-        num_tokens = md.num_actual_tokens
         key_cache, value_cache = self._split_kv_cache(kv_cache)
         k_scale, v_scale = self._kv_scales(layer)
-        alibi_slopes = self.alibi_slopes
-        if alibi_slopes is not None and alibi_slopes.device != query.device:
-            alibi_slopes = self.alibi_slopes = alibi_slopes.to(query.device)
+        if self.alibi_slopes is not None and self.alibi_slopes.device != query.device:
+            self.alibi_slopes = self.alibi_slopes.to(query.device)
+        # A layer that shares another layer's cache did not write its own K/V there, so its
+        # key/value are not what the cache holds: its prefills must read the cache.
+        if self.kv_sharing_target_layer_name:
+            key = value = None
+
+        tensors = (query, key, value, key_cache, value_cache, output, k_scale, v_scale)
+        plan = attn_metadata.precompile
+        if self._precompile_pending and plan is not None and not graph_capture_in_progress():
+            # Before the step itself: if a compile fails, no step has run half-compiled.
+            self._precompile_pending = False
+            precompile_step_shapes(lambda md: self._attend(md, *tensors), attn_metadata, plan)
+        self._attend(attn_metadata, *tensors)
+        return output
+
+    def _attend(
+        self,
+        md: PortableAttentionMetadata,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        output: torch.Tensor,
+        k_scale: torch.Tensor | None,
+        v_scale: torch.Tensor | None,
+    ) -> None:
+        """The attention launches `md` asks for, over the first `md.num_actual_tokens` rows."""
+        num_tokens = md.num_actual_tokens
         options = dict(
             max_query_len=md.max_query_len,
             max_seq_len=md.max_seq_len,
@@ -231,7 +259,7 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             causal=True,
             sliding_window=self.sliding_window,
             softcap=self.logits_soft_cap,
-            alibi_slopes=alibi_slopes,
+            alibi_slopes=self.alibi_slopes,
             sinks=self.sinks,
             k_scale=k_scale,
             v_scale=v_scale,
@@ -239,13 +267,11 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             workspace=md.workspace,
         )
         lengths = (md.query_start_loc, md.seq_lens, md.block_table)
-        query, output_rows = query[:num_tokens], output[:num_tokens]
-        # A layer that shares another layer's cache did not write its own K/V there, so its
-        # key/value are not what the cache holds: its prefills must read the cache.
-        if key is None or value is None or self.kv_sharing_target_layer_name:
-            key = value = None
-        else:
+        query, output = query[:num_tokens], output[:num_tokens]
+        if key is not None and value is not None:
             key, value = key[:num_tokens], value[:num_tokens]
+        else:
+            key = value = None
         # Host-side facts about a classified step's groups; a captured graph replays other
         # steps, so a capture must not use them.
         capturing = md.request_groups is not None and graph_capture_in_progress()
@@ -253,13 +279,12 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         prefill_size = None if capturing else md.prefill_size
         if self._runs_grouped_launches(md, query, key, value, key_cache, prefill_size):
             grouped_attention(
-                query, key, value, key_cache, value_cache, output_rows, *lengths,
+                query, key, value, key_cache, value_cache, output, *lengths,
                 md.request_groups, active_groups=active_groups, prefill_size=prefill_size,
                 **options,
             )  # fmt: skip
         else:
-            unified_attention(query, key_cache, value_cache, output_rows, *lengths, **options)
-        return output
+            unified_attention(query, key_cache, value_cache, output, *lengths, **options)
 
 
 def _fp8_view_dtype(kv_cache_dtype: str) -> torch.dtype | None:

@@ -62,6 +62,7 @@ from vllm_portable_attn.kernels.configs import (
     config_table_name,
     tma_prefill_min_tokens,
 )
+from vllm_portable_attn.precompile import PrecompilePlan
 
 logger = get_logger(__name__)
 
@@ -96,6 +97,9 @@ class PortableAttentionMetadata(AttentionMetadata):
     # Classified steps: (tokens, requests) of the fresh prefills, from host-side lengths; None
     # when unknown. It sizes the TMA prefill's grid, so it too is for eager launches only.
     prefill_size: tuple[int, int] | None = None
+    # The builder's precompile plan (precompile.py): each layer's first eager step compiles
+    # every launch its later steps can take. None where nothing is compiled (no GPU).
+    precompile: PrecompilePlan | None = None
 
 
 def _device_num_sms(device: torch.device) -> int:
@@ -184,6 +188,10 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         self.request_groups: RequestGroups = RequestGroups.allocate(
             vllm_config.scheduler_config.max_num_seqs, device
         )
+        # Public so tests can turn it off (or on, for a builder made on the CPU).
+        self.precompile: PrecompilePlan | None = None
+        if torch.device(device).type == "cuda":
+            self.precompile = self.precompile_plan()
         logger.info_once(
             "vllm_portable_attn: route=%s, split-KV workspace %s (query heads %s, kv heads %d, "
             "head size %d, %d SMs)",
@@ -203,9 +211,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 config_table_name(),
                 _gpu_description(torch.device(device)),
             )
-            min_tokens = self.tma_prefill_min_tokens
-            if self.route == "grouped" and self.num_heads:
-                min_tokens = tma_prefill_min_tokens(self.num_heads)
+            min_tokens = self._tma_prefill_tokens()
             if min_tokens is not None:
                 logger.info_once(
                     "vllm_portable_attn: eager steps with at least %d fresh-prefill tokens run "
@@ -215,6 +221,29 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                     " and the grouped launches" if self.route == "unified" else "",
                     "/".join(map(str, TMA_PREFILL_HEAD_SIZES)),
                 )
+
+    def precompile_plan(self) -> PrecompilePlan:
+        """The launches this builder's steps can take, for precompile.py."""
+        segment_counts = {1}
+        if self.workspace is not None:
+            # The choice depends on the request count only, once a batch may split at all.
+            segment_counts |= {
+                choose_num_segments(n, n, 1, self.num_kv_heads, self.num_sms)
+                for n in range(1, self.workspace.max_tokens + 1)
+            }
+        return PrecompilePlan(
+            segment_counts=tuple(sorted(segment_counts)),
+            tma_prefill_tokens=self._tma_prefill_tokens(),
+            request_groups=self.request_groups,
+            max_split_tokens=self.workspace.max_tokens if self.workspace is not None else 0,
+        )
+
+    def _tma_prefill_tokens(self) -> int | None:
+        """Fewest fresh-prefill tokens of a step that takes the TMA prefill on this route, where
+        one can (the grouped route asks per layer, the unified route decided at start)."""
+        if self.route == "grouped" and self.num_heads:
+            return tma_prefill_min_tokens(self.num_heads)
+        return self.tma_prefill_min_tokens
 
     @staticmethod
     def _tma_prefill_in_scope(kv_cache_spec: AttentionSpec) -> bool:
@@ -299,6 +328,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             request_groups=request_groups,
             active_groups=active_groups,
             prefill_size=prefill_size,
+            precompile=self.precompile,
         )
 
     def _may_take_tma_prefill(self, num_tokens: int) -> bool:

@@ -35,6 +35,9 @@ TINY_GEMMA2_DIR = MODELS_DIR / "tiny-gemma2"
 BACKEND_LOG_RE = re.compile(
     r"Using (?:AttentionBackendEnum\.)?([A-Z][A-Z0-9_]*) (?:attention )?backend"
 )
+# vLLM's JIT monitor (vllm/utils/jit_monitor.py), active once the engine's warm-up is over:
+# a kernel compiled while serving. It names each kernel once per process.
+JIT_MONITOR_RE = re.compile(r"Triton kernel JIT compilation during inference: (\w+)")
 
 # Where the repository root must be importable from (the package may not be pip-installed in
 # the kernel-only runs on the GPU host).
@@ -253,6 +256,8 @@ class ChildResult:
     elapsed_s: float
     backends_logged: list[str] = field(default_factory=list)
     tail: list[str] = field(default_factory=list)
+    # Kernels vLLM's JIT monitor saw compile after the engine's warm-up (in any process).
+    compiled_while_serving: list[str] = field(default_factory=list)
 
 
 # Process groups of running children: if this process is told to stop (the GPU session script's
@@ -317,6 +322,7 @@ def run_child(
     _ACTIVE_GROUPS.add(proc.pid)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     backends: list[str] = []
+    compiled_while_serving: list[str] = []
     tail: list[str] = []
     timed_out = False
     deadline = t0 + timeout_s
@@ -349,6 +355,9 @@ def run_child(
             m = BACKEND_LOG_RE.search(line)
             if m and m.group(1) not in backends:
                 backends.append(m.group(1))
+            m = JIT_MONITOR_RE.search(line)
+            if m:
+                compiled_while_serving.append(m.group(1))
             tail.append(line)
             if len(tail) > tail_lines:
                 del tail[0]
@@ -382,6 +391,7 @@ def run_child(
         elapsed_s=time.monotonic() - t0,
         backends_logged=backends,
         tail=tail,
+        compiled_while_serving=compiled_while_serving,
     )
 
 

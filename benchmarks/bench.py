@@ -1257,6 +1257,8 @@ def run_e2e(args: argparse.Namespace) -> int:
                 "backends_logged": child.backends_logged,
                 "impls": res.get("impls"),
                 "engine_start_s": res.get("engine_start_s"),
+                # K7: what vLLM's JIT monitor reported for this engine (warm-ups included).
+                "compiled_while_serving": child.compiled_while_serving,
                 "rc": child.rc,
                 "timed_out": child.timed_out,
             }
@@ -1284,7 +1286,7 @@ def run_e2e(args: argparse.Namespace) -> int:
     print()
     print(
         C.fmt_table(
-            "workload backend out_tok/s xFA3 xTRITON wall_s ms/step start_s status".split(),
+            "workload backend out_tok/s xFA3 xTRITON wall_s ms/step start_s jit status".split(),
             [
                 (
                     r["workload"],
@@ -1295,6 +1297,7 @@ def run_e2e(args: argparse.Namespace) -> int:
                     _f(r.get("wall_s"), ".2f"),
                     _f(r.get("ms_per_step"), ".2f"),
                     _f(r.get("engine_start_s"), ".0f"),
+                    ",".join(r.get("compiled_while_serving", [])) or "-",
                     "ok" if r["ok"] else ("FAIL " + r.get("error", "incomplete"))[:60],
                 )
                 for r in rows
@@ -1307,6 +1310,10 @@ def run_e2e(args: argparse.Namespace) -> int:
             parts.append(
                 f"{r['workload']} CUSTOM {_f(r.get('out_tok_s'), '.0f') or 'FAIL'} tok/s"
                 + (f" ({r['vs_fa3']:.2f}x FA3)" if r.get("vs_fa3") else "")
+                + "".join(
+                    f", compiled while serving: {name}"
+                    for name in r.get("compiled_while_serving", [])
+                )
             )
     n_ok = sum(r["ok"] for r in rows)
     print(

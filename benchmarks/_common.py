@@ -39,6 +39,14 @@ BACKEND_LOG_RE = re.compile(
 # a kernel compiled while serving. It names each kernel once per process.
 JIT_MONITOR_RE = re.compile(r"Triton kernel JIT compilation during inference: (\w+)")
 
+
+def our_kernel_names() -> frozenset[str]:
+    """Names of this project's Triton kernels, as vLLM's JIT monitor reports them."""
+    from vllm_portable_attn.kernels.compile_only import jit_kernels
+
+    return frozenset(name for _, name, _ in jit_kernels())
+
+
 # Where the repository root must be importable from (the package may not be pip-installed in
 # the kernel-only runs on the GPU host).
 if str(REPO_ROOT) not in sys.path:

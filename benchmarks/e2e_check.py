@@ -6,9 +6,9 @@
 
 ``serve`` starts ``LLM(attention_backend CUSTOM)`` on the Llama-3.1-8B-shaped config with dummy
 weights and vLLM's default torch.compile + CUDA-graph settings, generates for a batch of
-mixed-length token-id prompts, and checks that every request got all of its tokens and that the
+mixed-length token-id prompts, and checks that every request got all of its tokens, that the
 engine really selected CUSTOM (its log line, and the impl class of the model's attention
-layers).
+layers), and that vLLM's JIT monitor saw none of our kernels compile while serving.
 
 ``correctness`` builds a small random Llama with real-scale weights (transformers, seed 0,
 std 0.02; the q/k projections are drawn wider, see ``--qk-std``), then runs the same greedy
@@ -185,6 +185,10 @@ def run_serve(args: argparse.Namespace) -> int:
         failures.append("requests incomplete: " + "; ".join(res.get("problems", ["no result"])))
     impls = res.get("impls") or []
     failures += backend_evidence_problems(args.backend, child.backends_logged, impls)
+    # Ours must all be compiled before serving (precompile.py); other kernels are reported.
+    ours = sorted(set(child.compiled_while_serving) & C.our_kernel_names())
+    if ours:
+        failures.append(f"our kernels compiled while serving (vLLM's JIT monitor): {ours}")
     row = {
         "kind": "e2e_serve",
         "backend": args.backend,
@@ -195,6 +199,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "failures": failures,
         "backends_logged": child.backends_logged,
         "impls": impls,
+        "compiled_while_serving": child.compiled_while_serving,
         "engine_start_s": res.get("engine_start_s"),
         "generate_s": res.get("generate_s"),
         "num_prompts": res.get("num_prompts"),
@@ -208,6 +213,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print()
     print(f"backend selected (log): {child.backends_logged or 'not seen'}")
     print(f"attention impls (probe): {impls or 'n/a'}")
+    print(f"compiled while serving (JIT monitor): {child.compiled_while_serving or 'nothing'}")
     print(
         f"engine start {_s(res.get('engine_start_s'))}, generate {_s(res.get('generate_s'))}, "
         f"{res.get('output_tokens')}/{res.get('expected_tokens')} tokens"

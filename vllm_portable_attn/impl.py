@@ -125,6 +125,10 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         self.fp8_dtype: torch.dtype | None = _fp8_view_dtype(kv_cache_dtype)
         # Until this layer's first eager step has compiled its launches (precompile.py).
         self._precompile_pending = True
+        # Windows, soft caps, ALiBi and sinks in use (the TMA prefill takes none of them).
+        self.score_features: int = count_score_features(
+            sliding_window, self.logits_soft_cap, alibi_slopes, sinks
+        )
         logger.info_once(
             "vllm_portable_attn: route=%s, heads %d/%d (q/kv), head size %d, kv cache %s, "
             "sliding window %s, softcap %s, alibi %s, sinks %s",
@@ -185,11 +189,8 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             return True
         if md.request_groups is None:
             return False
-        score_features = count_score_features(
-            self.sliding_window, self.logits_soft_cap, self.alibi_slopes, self.sinks
-        )
         tma_config = choose_tma_prefill(
-            query, key, value, key_cache, causal=True, score_features=score_features,
+            query, key, value, key_cache, causal=True, score_features=self.score_features,
             prefill_size=prefill_size,
         )  # fmt: skip
         return tma_config is not None

@@ -772,7 +772,7 @@ def test_precompile_runs_every_step_shape_under_compile_only(
         assert m.active_groups is None
         assert m.query_start_loc is md.query_start_loc and m.block_table is md.block_table
         if m.num_segments > 1:
-            assert m.num_actual_tokens == plan.max_split_tokens < md.num_actual_tokens
+            assert m.num_actual_tokens == md.workspace.max_tokens < md.num_actual_tokens
         else:
             assert m.num_actual_tokens == md.num_actual_tokens
         if m.prefill_size is not None:

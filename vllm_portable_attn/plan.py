@@ -235,7 +235,6 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             segment_counts=tuple(sorted(segment_counts)),
             tma_prefill_tokens=self._tma_prefill_tokens(),
             request_groups=self.request_groups,
-            max_split_tokens=self.workspace.max_tokens if self.workspace is not None else 0,
         )
 
     def _tma_prefill_tokens(self) -> int | None:

@@ -46,7 +46,6 @@ class PrecompilePlan:
     # Fresh-prefill tokens of a step that takes the TMA prefill; None where no step does.
     tma_prefill_tokens: int | None
     request_groups: RequestGroups  # the builder's classifier buffers
-    max_split_tokens: int  # the split-KV workspace's token capacity
 
 
 @dataclass(frozen=True)
@@ -91,8 +90,8 @@ def precompile_step_shapes(
             )
         for shape in shapes:
             num_tokens = md.num_actual_tokens
-            if shape.num_segments > 1:  # a split step fits the workspace
-                num_tokens = min(num_tokens, plan.max_split_tokens)
+            if shape.num_segments > 1:  # a split step fits the workspace (there is one then)
+                num_tokens = min(num_tokens, md.workspace.max_tokens)
             prefill_size = None if shape.prefill_tokens is None else (shape.prefill_tokens, 1)
             attend(
                 replace(

@@ -233,8 +233,9 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         tensors = (query, key, value, key_cache, value_cache, output, k_scale, v_scale)
         plan = attn_metadata.precompile
         if self._precompile_pending and plan is not None and not graph_capture_in_progress():
-            # Once per layer, at its first eager step (vLLM runs one in its warm-up); a capture
-            # must wait, since its launches are recorded into a graph, not run.
+            # Once per layer, at its first eager step (vLLM runs one in its warm-up). Not inside
+            # a CUDA-graph capture: loading a compiled module may synchronise, which a capture
+            # forbids.
             self._precompile_pending = False
             precompile_step_shapes(lambda md: self._attend(md, *tensors), attn_metadata, plan)
         self._attend(attn_metadata, *tensors)

@@ -94,7 +94,9 @@ def compile_only() -> Iterator[CompileCount]:
             kernel = JITFunction.run(fn, *args, grid=grid, warmup=True, **kwargs)
             # Load it onto the GPU now too (Triton otherwise does so at the first launch); this
             # is also where a launch asking for more shared memory than the GPU has would fail.
-            kernel._init_handles()
+            # None: a `knobs.runtime.jit_cache_hook` took the compile over, as Triton allows.
+            if kernel is not None:
+                kernel._init_handles()
 
         return compile_instead
 

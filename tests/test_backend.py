@@ -640,9 +640,9 @@ def test_grouped_build_under_adaptive_verification_launches_every_group(
         common_metadata(batch, padded=True),
         query_start_loc_cpu=torch.tensor([0, 5, 10, 10], dtype=torch.int32),
     )
-    host_lengths = plan_module._host_lengths(cm)
-    assert host_lengths is not None
-    assert plan_module._host_active_groups(*host_lengths) == (True, False, False)  # no extend
+    host_groups = plan_module._host_groups(cm)
+    assert host_groups is not None
+    assert host_groups[0] == (True, False, False)  # no extend
     assert cm.query_start_loc_cpu.diff().tolist() == host_q_lens
     oracle = oracle_copy(batch)
 

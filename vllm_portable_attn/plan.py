@@ -49,6 +49,10 @@ from vllm_portable_attn._compat import (
     num_attention_heads_of_layers,
 )
 from vllm_portable_attn.kernels import (
+    GROUP_DECODE,
+    GROUP_EXTEND,
+    GROUP_PADDING,
+    GROUP_PREFILL,
     MAX_DECODE_QUERY_LEN,
     MAX_SEGMENTS,
     MAX_SPLIT_TOKENS,
@@ -57,6 +61,7 @@ from vllm_portable_attn.kernels import (
     choose_num_segments,
     classify_requests,
 )
+from vllm_portable_attn.kernels.classify import NUM_GROUPS
 from vllm_portable_attn.kernels.configs import (
     TMA_PREFILL_HEAD_SIZES,
     config_table_name,
@@ -297,10 +302,9 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
 
         request_groups = active_groups = prefill_size = None
         if self.route == "grouped" or self._may_take_tma_prefill(cm.num_actual_tokens):
-            lengths = _host_lengths(cm) if self.host_lengths_exact else None
-            if lengths is not None:
-                active_groups = _host_active_groups(*lengths)
-                prefill_size = _host_prefill_size(*lengths)
+            host_groups = _host_groups(cm) if self.host_lengths_exact else None
+            if host_groups is not None:
+                active_groups, prefill_size = host_groups
             if self.route == "grouped" or (
                 prefill_size is not None and self._may_take_tma_prefill(prefill_size[0])
             ):
@@ -337,37 +341,33 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         return min_tokens is not None and num_tokens >= max(min_tokens, 1)
 
 
-def _host_lengths(cm: CommonAttentionMetadata) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each request's query length and whether it has context, from lengths vLLM already has on
-    the host (no sync); None if they are not there (then every group is launched).
+def _host_groups(
+    cm: CommonAttentionMetadata,
+) -> tuple[tuple[bool, bool, bool], tuple[int, int]] | None:
+    """Which of (decode, extend, prefill) hold requests, by the device classifier's rule, and
+    (tokens, requests) of the fresh prefills, from lengths vLLM already has on the host (no
+    sync); None if they are not there (then every group is launched).
 
     `seq_lens_cpu_upper_bound` is exact except for asynchronous spec-decode rows, where it is
     optimistic; those rows have context either way, so a request without context (a prefill)
-    is always seen as one.
+    is always seen as one: the flags can only over-report a group, never miss one, and the
+    prefill size is exact. One pass of a few numpy operations, as this runs every step.
     """
     seq_lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
     if seq_lens is None or seq_lens.shape[0] < cm.num_reqs:
         # Unknown (or, on a release that stops padding it, incomplete).
         return None
-    starts = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
-    q_lens = starts[1:] - starts[:-1]
-    return q_lens, seq_lens.numpy()[: cm.num_reqs] - q_lens > 0
-
-
-def _host_active_groups(q_lens: np.ndarray, has_context: np.ndarray) -> tuple[bool, bool, bool]:
-    """Which groups hold requests (the device classifier's rule), from `_host_lengths`.
-
-    The flags can only over-report a group (see `_host_lengths`), never miss one.
-    """
-    is_short = q_lens <= MAX_DECODE_QUERY_LEN
-    return (
-        bool((has_context & is_short & (q_lens > 0)).any()),
-        bool((has_context & ~is_short).any()),
-        bool((~has_context & (q_lens > 0)).any()),
+    num_reqs = cm.num_reqs
+    q_lens = np.diff(cm.query_start_loc_cpu.numpy()[: num_reqs + 1])
+    has_context = seq_lens.numpy()[:num_reqs] > q_lens
+    is_long = q_lens > MAX_DECODE_QUERY_LEN
+    group = np.where(has_context, np.where(is_long, GROUP_EXTEND, GROUP_DECODE), GROUP_PREFILL)
+    group[q_lens == 0] = GROUP_PADDING
+    requests = np.bincount(group, minlength=NUM_GROUPS)
+    tokens = np.bincount(group, weights=q_lens, minlength=NUM_GROUPS)
+    active = (
+        bool(requests[GROUP_DECODE]),
+        bool(requests[GROUP_EXTEND]),
+        bool(requests[GROUP_PREFILL]),
     )
-
-
-def _host_prefill_size(q_lens: np.ndarray, has_context: np.ndarray) -> tuple[int, int]:
-    """(tokens, requests) of the fresh prefills, exactly, from `_host_lengths`."""
-    prefill = ~has_context & (q_lens > 0)
-    return int(q_lens[prefill].sum()), int(prefill.sum())
+    return active, (int(tokens[GROUP_PREFILL]), int(requests[GROUP_PREFILL]))

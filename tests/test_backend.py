@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
+import random
+import types
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -607,6 +610,27 @@ def test_grouped_build_flags_the_groups_present(
     md = setup.builder.build(0, common_metadata(batch, padded=True))
     assert md.active_groups == expected
     assert md.prefill_size == prefills
+
+
+def test_host_groups_follow_the_classifier_rule() -> None:
+    """The host's flags and fresh-prefill size, on random batches (padding, decodes, verify
+    lengths, extends, prefills, padded rows past num_reqs), against the rule written out."""
+    rng = random.Random(0)
+    for _ in range(500):
+        num_reqs, num_padded = rng.randrange(40), rng.randrange(3)
+        q_lens = [rng.choice([0, 1, 2, 5, 8, 9, 30, 500]) for _ in range(num_reqs + num_padded)]
+        requests = [(q, rng.choice([0, 0, 3, 100])) for q in q_lens]  # (query, context)
+        cm = types.SimpleNamespace(
+            num_reqs=num_reqs,
+            query_start_loc_cpu=torch.tensor([0, *itertools.accumulate(q_lens)]),
+            seq_lens_cpu_upper_bound=torch.tensor([q + c for q, c in requests]),
+        )
+        real = requests[:num_reqs]
+        decode = any(0 < q <= MAX_DECODE_QUERY_LEN and c for q, c in real)
+        extend = any(q > MAX_DECODE_QUERY_LEN and c for q, c in real)
+        prefills = [q for q, c in real if q and not c]
+        expected = ((decode, extend, bool(prefills)), (sum(prefills), len(prefills)))
+        assert plan_module._host_groups(cm) == expected, real
 
 
 def test_grouped_build_without_host_lengths_launches_every_group(

@@ -705,6 +705,11 @@ def test_unified_route_runs_large_prefill_steps_through_the_tma_prefill(
         assert (len(tma_calls), len(unified_calls)) == ((1, 0) if classified else (1, 1))
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="on a GPU the minimum grid alone keeps this small step unified, so the reason under "
+    "test would not be the one deciding",
+)
 @pytest.mark.parametrize("reason", ["sliding_window", "capture", "kv_sharing"])
 def test_unified_route_keeps_a_classified_step_where_the_tma_prefill_does_not_apply(
     reason: str, route_env: pytest.MonkeyPatch, device: str, spy: Spy

@@ -306,7 +306,8 @@ def _parse_config(spec: str, inp: Inputs) -> Any:
 
 
 def _override_config_table(spec: str) -> None:
-    """--table: replace rows of our config table for this run, e.g. 'prefill_dense=128x128x8x2'.
+    """--table: replace rows of our config table for this run, e.g. 'prefill_dense=128x128x8x2'
+    ('prefill_tma=ROWSxKEYSxWARPSxSTAGES' and 'prefill_tma_min=PROGRAMS' for the TMA prefill).
 
     Unlike portable@CONFIG (one config for every launch of the unified kernel), this changes
     what the table hands both routes for one launch shape, so the grouped route can be swept.
@@ -319,6 +320,9 @@ def _override_config_table(spec: str) -> None:
         row = tuple(int(x) for x in tile.split("x"))
         if shape == "prefill_tma" and arch in configs._TMA_PREFILL:
             configs._TMA_PREFILL[arch] = (row, configs._TMA_PREFILL[arch][1])
+        elif shape == "prefill_tma_min" and arch in configs._TMA_PREFILL:
+            (min_programs,) = row  # the fewest programs that take the TMA prefill
+            configs._TMA_PREFILL[arch] = (configs._TMA_PREFILL[arch][0], min_programs)
         elif shape in configs.SHAPES:
             configs._TABLE[(arch, shape)] = row
         else:
@@ -1382,7 +1386,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma list of SHAPE=BMxTNxWxS replacing rows of our config table for this run "
         "(shapes: decode, decode_split, spec, prefill, prefill_dense, and prefill_tma: the "
-        "TMA prefill's tile, its minimum grid unchanged)",
+        "TMA prefill's tile, its minimum unchanged); prefill_tma_min=N sets that minimum "
+        "(query blocks x heads)",
     )
     kp.add_argument(
         "--segments",

@@ -100,6 +100,31 @@ def test_quick_prints_the_table_last(quick_run: tuple[list[str], str, list[dict]
     assert "OK:" in stdout
 
 
+def test_tma_prefill_compiles_warp_specialised_for_sm90() -> None:
+    """The TMA prefill's speed comes from Triton's warp specialisation of its key loop (a
+    producer and two consumer warp groups: 12 warps from 4). A kernel edit the sm_90 pass does
+    not accept turns it off silently, so this compiles the kernel and looks."""
+    found = _python(
+        """
+        import importlib, json, triton
+        from triton.compiler import ASTSource
+        from vllm_portable_attn import compile_check as cc
+        target = cc.TARGETS["sm90"]
+        jobs = cc.collect_jobs([cc.Scenario("grouped", max_query_len=8192)], [target])
+        job = next(j for j in jobs if j.kernel == "_tma_prefill_kernel")
+        fn = getattr(importlib.import_module(job.module), job.kernel)
+        src = ASTSource(fn, job.signature, job.constexprs, job.attrs)
+        k = triton.compile(src, target=target.gpu_target(), options=job.options)
+        print(json.dumps({
+            "asked": job.options["num_warps"],
+            "warps": k.metadata.num_warps,
+            "partitions": k.asm["ttgir"].count("ttg.warp_specialize"),
+        }))
+        """
+    )
+    assert found == {"asked": 4, "warps": 12, "partitions": 1}
+
+
 @pytest.mark.skipif(not _have_amd_backend(), reason="this Triton has no AMD backend")
 def test_binding_follows_each_target() -> None:
     """Launch parameters and specialisation come from the target, not from this machine."""

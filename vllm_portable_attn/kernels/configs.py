@@ -118,9 +118,9 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
 
 
 # The TMA prefill (tma_prefill.py) per architecture: (rows, keys, warps, stages) and the fewest
-# programs (the prefill group's query blocks x query heads, from its host-known token count)
+# work items (the prefill group's query blocks x query heads, from its host-known token count)
 # for which it beats the portable dense prefill. Only sm_90 has a row: its tile is what Triton
-# 3.6 warp-specialises there (4 warps become 12, 2 stages: 180 KiB of shared memory; 128x64
+# 3.6 warp-specialises there (4 warps become 12, 2 stages: 208 KiB of shared memory; 128x64
 # tiles were 4-5% slower; three stages gave NaN outputs). H200, Llama-8B heads, against the
 # portable dense prefill: 2048 programs and more 5-14% faster, 1024 (1 x 4k) 3% faster; in the
 # prototype 512 (1 x 2k) was 6% slower. The interpreter row, with no minimum, lets CPU tests
@@ -129,7 +129,7 @@ _TMA_PREFILL: dict[str, tuple[tuple[int, int, int, int], int]] = {
     "hopper": ((128, 128, 4, 2), 1024),
     "interpreter": ((16, 16, 4, 1), 0),
 }
-# Head sizes the TMA prefill was compiled and checked for (the tile holds 180 KiB at 128).
+# Head sizes the TMA prefill was compiled and checked for (it holds 208 KiB at 128).
 TMA_PREFILL_HEAD_SIZES = (32, 64, 128)
 
 

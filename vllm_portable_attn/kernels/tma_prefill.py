@@ -4,22 +4,28 @@ The grouped route's prefill group reads the new tokens' own K/V, dense and conti
 what TMA copies want. Marked `tl.range(..., warp_specialize=True)` and fed by tensor
 descriptors, the key loop compiles on sm_90 into FA3's layout: one producer warp group issuing
 the TMA copies and two consumer warp groups of 64 query rows each (12 warps, 168 registers, no
-spills), so the QK and PV dots of one consumer overlap the other's softmax. H200, Llama-8B
-heads, against the portable dense-prefill kernel: 8k prefill 1294 -> 1185 us (0.83x FA3), 4 x
-4k 1403 -> 1272, 16k 5017 -> 4388, 16 x 1k 541 -> 515; a prototype was slower below about 1024
-programs (1 x 2k: 123 -> 131 us), hence `configs.tma_prefill_config`'s minimum grid
-(benchmarks/NOTES.md, session E).
+spills), so the QK and PV dots of one consumer overlap the other's softmax.
+
+The grid is persistent: one program per SM, each taking (query block, head) work items in turns,
+heads fastest and longest blocks first, alternating direction every round. A program builds its
+descriptors once, and no program starts only to find a short block (H200, Llama-8B heads,
+against the one-program-per-block grid of session E: 16 x 1k 477 -> 373 us, 1 x 2k 111 -> 95,
+8k 1150 -> 1139; benchmarks/NOTES.md, session H).
 
 What Triton 3.6's sm_90 pass accepts shapes this kernel: no early return and no `while` loop
 anywhere (so `find_seq_idx` runs unrolled, a fixed number of halvings), no reduction before the
 key loop (a vector search over the group's block starts failed the pass), one key loop with the
-causal mask on every tile (an `if` for the diagonal tiles turns the specialisation off), 4 warps
-and 2 stages. A surplus program runs an empty loop and stores nothing. Query heads are not
-packed per KV head (a packed Q box would be wider than TMA's 256 elements): one program is one
-query head x BLOCK_M tokens, and the programs of a GQA group read the same K/V tiles from L2.
+causal mask on every tile (an `if` for the diagonal tiles turns the specialisation off, and a
+diagonal tile peeled off before or after the loop fails the pass; the mask costs about 6%: the
+loop without it ran 8k in 1082 rather than 1150 us), 4 warps and 2 stages. A work item past the
+group's blocks runs an empty loop and stores nothing. Query heads are not packed per KV head (a
+packed Q box would be wider than TMA's 256 elements): one work item is one query head x BLOCK_M
+tokens, and the heads of a GQA group, neighbours in the order, read the same K/V tiles from L2.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -40,45 +46,45 @@ from vllm_portable_attn.kernels.configs import (
 )
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def _tma_prefill_kernel(
-    query_ptr,  # [num_tokens, num_heads, HEAD], heads contiguous ([tokens, heads * HEAD] in 2-D)
-    key_ptr,  # [num_tokens, num_kv_heads, HEAD], the new keys, likewise
-    value_ptr,  # [num_tokens, num_kv_heads, HEAD], the new values, likewise
-    output_ptr,  # [num_tokens, num_heads, HEAD]
-    query_start_loc_ptr,  # [num_seqs + 1] int32
-    seq_order_ptr,  # [capacity] int32, request ids sorted by group
-    order_cu_q_ptr,  # [capacity + 1] int32, cumulative query lengths in that order
-    group_bounds_ptr,  # [num_groups + 1] int32, each group's first entry in the order
-    num_tokens,
+@triton.jit
+def _attend_query_block(
+    work,  # this program's work item: (query block, head), heads fastest; past the end: none
+    num_blocks,
+    query_desc,
+    key_desc,
+    value_desc,
+    output_ptr,
+    query_start_loc_ptr,
+    seq_order_ptr,
+    order_cu_q_ptr,
+    group_bounds_ptr,
     softmax_scale,
-    stride_q,
-    stride_k,
-    stride_v,
     stride_o_token,
     stride_o_head,
     NUM_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
     QUERIES_PER_KV: tl.constexpr,
     HEAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr,
     GROUP: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,  # binary-search halvings that cover the classifier's capacity
+    SEARCH_STEPS: tl.constexpr,
 ):
-    # Longest causal blocks first, as in the portable kernel (surplus programs come first).
-    q_block_idx = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1)
+    """One query block of one head, causal over its prefill's own keys, into `output`."""
+    # The heads of a block are neighbours (a GQA group reads the same K/V tiles at about the
+    # same time), and blocks run longest first (a short tail; surplus blocks come first).
+    head = work % NUM_HEADS
+    q_block_idx = num_blocks - 1 - work // NUM_HEADS
     kv_head = head // QUERIES_PER_KV
 
-    # Which prefill, and which of its query blocks (the portable kernel's search, unrolled).
+    # Which prefill, and which of its query blocks (the portable kernel's search, unrolled). A
+    # work item past the end has a negative block index, which no entry holds.
     lo = tl.load(group_bounds_ptr + GROUP)
     hi = tl.load(group_bounds_ptr + GROUP + 1)
     entry = find_seq_idx(order_cu_q_ptr, lo, hi, q_block_idx, BLOCK_M, SEARCH_STEPS)
     found = entry >= lo
     entry = tl.maximum(entry, lo)
     first_block = first_block_of(order_cu_q_ptr, lo, tl.load(order_cu_q_ptr + lo), entry, BLOCK_M)
-    q_block = q_block_idx - first_block
+    q_block = tl.where(found, q_block_idx - first_block, 0)
     seq = tl.load(seq_order_ptr + entry, mask=found, other=0)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -87,22 +93,8 @@ def _tma_prefill_kernel(
     block_end = tl.minimum(q_len, (q_block + 1) * BLOCK_M)
     key_hi = tl.where(q_block * BLOCK_M < q_len, block_end, 0)
 
-    # Descriptors over the whole batch, built on the device: with descriptors passed from the
-    # host, the warp-specialised kernel hung on an H200 (Triton 3.6). A tile that runs past the
-    # sequence reads the next one's tokens (masked by position below) or, past the batch, zeros
-    # (TMA's bounds check).
-    query_desc = tl.make_tensor_descriptor(
-        query_ptr, shape=[num_tokens, NUM_HEADS * HEAD], strides=[stride_q, 1],
-        block_shape=[BLOCK_M, HEAD],
-    )  # fmt: skip
-    key_desc = tl.make_tensor_descriptor(
-        key_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD], strides=[stride_k, 1],
-        block_shape=[TILE_N, HEAD],
-    )  # fmt: skip
-    value_desc = tl.make_tensor_descriptor(
-        value_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD], strides=[stride_v, 1],
-        block_shape=[TILE_N, HEAD],
-    )  # fmt: skip
+    # A tile that runs past the sequence reads the next one's tokens (masked by position
+    # below) or, past the batch, zeros (TMA's bounds check).
     q = query_desc.load([q_start + q_block * BLOCK_M, head * HEAD])
     query_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
@@ -124,6 +116,62 @@ def _tma_prefill_kernel(
         out.to(output_ptr.dtype.element_ty),
         mask=(query_pos < key_hi)[:, None],
     )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_blocks"])
+def _tma_prefill_kernel(
+    query_ptr,  # [num_tokens, num_heads, HEAD], heads contiguous ([tokens, heads * HEAD] in 2-D)
+    key_ptr,  # [num_tokens, num_kv_heads, HEAD], the new keys, likewise
+    value_ptr,  # [num_tokens, num_kv_heads, HEAD], the new values, likewise
+    output_ptr,  # [num_tokens, num_heads, HEAD]
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_order_ptr,  # [capacity] int32, request ids sorted by group
+    order_cu_q_ptr,  # [capacity + 1] int32, cumulative query lengths in that order
+    group_bounds_ptr,  # [num_groups + 1] int32, each group's first entry in the order
+    num_tokens,
+    num_blocks,  # query blocks that cover the group (`num_query_blocks`)
+    softmax_scale,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o_token,
+    stride_o_head,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,  # binary-search halvings that cover the classifier's capacity
+):
+    # Descriptors over the whole batch, built on the device once per program: with descriptors
+    # passed from the host, the warp-specialised kernel hung on an H200 (Triton 3.6).
+    query_desc = tl.make_tensor_descriptor(
+        query_ptr, shape=[num_tokens, NUM_HEADS * HEAD], strides=[stride_q, 1],
+        block_shape=[BLOCK_M, HEAD],
+    )  # fmt: skip
+    key_desc = tl.make_tensor_descriptor(
+        key_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD], strides=[stride_k, 1],
+        block_shape=[TILE_N, HEAD],
+    )  # fmt: skip
+    value_desc = tl.make_tensor_descriptor(
+        value_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD], strides=[stride_v, 1],
+        block_shape=[TILE_N, HEAD],
+    )  # fmt: skip
+    # Persistent: each program takes one work item per round. Work items shrink along the
+    # order, so rounds alternate direction (a program early in one round is late in the next)
+    # and every program gets about the same number of keys.
+    num_programs = tl.num_programs(0)
+    program = tl.program_id(0)
+    for round_idx in range(tl.cdiv(num_blocks * NUM_HEADS, num_programs)):
+        slot = tl.where(round_idx % 2 == 0, program, num_programs - 1 - program)
+        _attend_query_block(
+            round_idx * num_programs + slot, num_blocks, query_desc, key_desc, value_desc,
+            output_ptr, query_start_loc_ptr, seq_order_ptr, order_cu_q_ptr, group_bounds_ptr,
+            softmax_scale, stride_o_token, stride_o_head, NUM_HEADS, QUERIES_PER_KV, HEAD,
+            BLOCK_M, TILE_N, GROUP, SEARCH_STEPS,
+        )  # fmt: skip
 
 
 def tma_prefill_fits(
@@ -194,7 +242,8 @@ def tma_prefill_attention(
         output: [num_tokens, num_heads, head_size]; only the group's rows are written.
         groups: (seq_order, order_cu_q, group_bounds) from `classify_requests`; every request
             of `group` has no context.
-        group_size: (tokens, requests) of `group`, exactly: the grid covers its blocks only.
+        group_size: (tokens, requests) of `group`, exactly: the work items cover its blocks
+            only.
         config: from `configs.tma_prefill_config` (block_q = block_m query tokens per program).
     """
     num_tokens, num_heads, head_size = query.shape
@@ -203,10 +252,11 @@ def tma_prefill_attention(
     block_m = config.block_m
 
     _ensure_scratch_allocator(query.device)
-    grid = (num_query_blocks(*group_size, block_m), num_heads)
+    num_blocks = num_query_blocks(*group_size, block_m)
+    grid = (min(num_blocks * num_heads, _persistent_programs(query.device)),)
     _tma_prefill_kernel[grid](
         query, key, value, output, query_start_loc, seq_order, order_cu_q, group_bounds,
-        num_tokens, softmax_scale, query.stride(0), key.stride(0), value.stride(0),
+        num_tokens, num_blocks, softmax_scale, query.stride(0), key.stride(0), value.stride(0),
         output.stride(0), output.stride(1),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
@@ -219,6 +269,16 @@ def tma_prefill_attention(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent grid: one per SM (a program's 208 KiB of shared memory leave
+    room for no second one). Without a GPU, three, so that CPU tests run several rounds in both
+    directions with a partial last one."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _ensure_scratch_allocator(device: torch.device) -> None:

@@ -119,14 +119,15 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
 
 # The TMA prefill (tma_prefill.py) per architecture: (rows, keys, warps, stages) and the fewest
 # work items (the prefill group's query blocks x query heads, from its host-known token count)
-# for which it beats the portable dense prefill. Only sm_90 has a row: its tile is what Triton
-# 3.6 warp-specialises there (4 warps become 12, 2 stages: 208 KiB of shared memory; 128x64
-# tiles were 4-5% slower; three stages gave NaN outputs). H200, Llama-8B heads, against the
-# portable dense prefill: 2048 programs and more 5-14% faster, 1024 (1 x 4k) 3% faster; in the
-# prototype 512 (1 x 2k) was 6% slower. The interpreter row, with no minimum, lets CPU tests
-# run it on every eligible prefill group.
+# that take it. Only sm_90 has a row: its tile is what Triton 3.6 warp-specialises there (4
+# warps become 12, 2 stages: 208 KiB of shared memory; 128x64 tiles were 4-5% slower; three
+# stages gave NaN outputs). With the persistent grid it beat the portable dense prefill at every
+# size measured (H200, Llama-8B heads, CUDA graphs: 1 x 1k 36 vs 50 us, 1 x 2k 92 vs 123, 8k
+# 1121 vs 1296); the minimum is the smallest of those, 256 items (1k tokens at 32 heads), since
+# smaller ones were not measured and a unified-route step below it is not worth classifying.
+# The interpreter row, with no minimum, lets CPU tests run it on every eligible prefill group.
 _TMA_PREFILL: dict[str, tuple[tuple[int, int, int, int], int]] = {
-    "hopper": ((128, 128, 4, 2), 1024),
+    "hopper": ((128, 128, 4, 2), 256),
     "interpreter": ((16, 16, 4, 1), 0),
 }
 # Head sizes the TMA prefill was compiled and checked for (it holds 208 KiB at 128).

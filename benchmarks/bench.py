@@ -374,11 +374,13 @@ def _provider_portable_grouped(
     """The grouped route: classify once (the builder's job, once per step), then the per-group
     kernels (the impl's job, once per layer). Only the per-layer part is timed. `tma_prefill`
     False keeps fresh prefills on the portable dense kernel where the TMA prefill applies."""
+    import numpy as np
 
     from vllm_portable_attn.kernels import (
         MAX_DECODE_QUERY_LEN,
         RequestGroups,
         classify_requests,
+        group_sizes,
         grouped_attention,
     )
 
@@ -387,15 +389,15 @@ def _provider_portable_grouped(
     groups = RequestGroups.allocate(case.num_reqs, inp.device)
     classify_requests(inp.query_start_loc, inp.seq_lens, groups, MAX_DECODE_QUERY_LEN)
     new_kv = _new_tokens_kv(inp)
-    fresh = [q for q, kv in zip(case.q_lens, case.seq_lens, strict=True) if q == kv]
-    prefill_size = (sum(fresh), len(fresh))  # the plan's host-side count
+    # The plan's host-side counts (each group launches over its own grid, as in an eager step).
+    sizes = group_sizes(np.array(case.q_lens), np.array(case.seq_lens), MAX_DECODE_QUERY_LEN)
 
     def run(i: int, out: Any) -> None:
         grouped_attention(
             inp.query[i], *new_kv[i], inp.key_cache, inp.value_cache, out,
             inp.query_start_loc, inp.seq_lens, inp.block_tables[i], groups,
             max_query_len=case.max_query_len, max_seq_len=case.max_seq_len, softmax_scale=inp.scale,
-            causal=True, num_segments=segs, workspace=ws, prefill_size=prefill_size,
+            causal=True, num_segments=segs, workspace=ws, group_sizes=sizes,
             allow_tma_prefill=tma_prefill,
         )  # fmt: skip
 

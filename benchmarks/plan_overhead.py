@@ -465,7 +465,7 @@ def _run_route(
             "max_query_len": step.max_query_len,
             "max_seq_len": step.max_seq_len,
             "num_segments": md.num_segments,
-            "active_groups": md.active_groups,
+            "group_sizes": md.group_sizes,
             "builds": o["builds"],
             "sync_checked": bool(armed),
             "target_us": TARGET_BUILD_US,

@@ -13,9 +13,11 @@ from vllm_portable_attn.kernels import (
     MAX_DECODE_QUERY_LEN,
     MAX_SEGMENTS,
     MAX_SPLIT_TOKENS,
+    GroupSizes,
     RequestGroups,
     SplitKVWorkspace,
     classify_requests,
+    group_sizes,
     grouped_attention,
     unified_attention,
 )
@@ -29,11 +31,10 @@ TOLERANCE = {
 }
 
 
-def prefill_size(batch: PagedBatch) -> tuple[int, int]:
-    """(tokens, requests) of the batch's fresh prefills, as the plan reads them on the host."""
-    q_lens = batch.query_start_loc.diff().cpu()
-    fresh = (batch.seq_lens.cpu() == q_lens) & (q_lens > 0)
-    return int(q_lens[fresh].sum()), int(fresh.sum())
+def host_group_sizes(batch: PagedBatch) -> GroupSizes:
+    """Each group's (tokens, requests), as the plan reads them from host lengths."""
+    q_lens = batch.query_start_loc.diff().cpu().numpy()
+    return group_sizes(q_lens, batch.seq_lens.cpu().numpy(), MAX_DECODE_QUERY_LEN)
 
 
 def run_and_check(
@@ -78,23 +79,39 @@ def run_and_check(
         **scales,
         **features,
     )
-    out = torch.full_like(batch.query, float("nan"))
     split = dict(num_segments=num_segments, workspace=workspace)
+    ref = torch.full_like(batch.query, float("nan"), dtype=torch.float64)
+    paged_attention_reference(batch.query, *paged, ref, *lengths, compute_dtype=torch.float64,
+                              **common)  # fmt: skip
     if provider == "unified":
+        out = torch.full_like(batch.query, float("nan"))
         unified_attention(batch.query, *paged, out, *lengths, **split, **common)
+        _check(out, ref, batch)
     elif provider == "grouped":
         groups = RequestGroups.allocate(batch.seq_lens.shape[0] + 3, batch.query.device)
         groups.seq_order.fill_(-7)  # poison: every real entry must be overwritten
         classify_requests(batch.query_start_loc, batch.seq_lens, groups, MAX_DECODE_QUERY_LEN)
-        grouped_attention(batch.query, batch.key, batch.value, *paged, out, *lengths, groups,
-                          prefill_size=prefill_size(batch), allow_tma_prefill=tma_prefill,
-                          **split, **common)  # fmt: skip
+        # An eager step's launches (grids sized per group from host lengths, the TMA prefill
+        # where it applies), then a capture's (every group over the whole batch's grid).
+        for sizes in (host_group_sizes(batch), None):
+            if workspace is not None:
+                for scratch in (
+                    workspace.partial_out,
+                    workspace.partial_max,
+                    workspace.partial_sum,
+                ):
+                    scratch.fill_(float("nan"))
+            out = torch.full_like(batch.query, float("nan"))
+            grouped_attention(batch.query, batch.key, batch.value, *paged, out, *lengths, groups,
+                              group_sizes=sizes, allow_tma_prefill=tma_prefill,
+                              **split, **common)  # fmt: skip
+            _check(out, ref, batch)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    ref = torch.full_like(batch.query, float("nan"), dtype=torch.float64)
-    paged_attention_reference(batch.query, *paged, ref, *lengths, compute_dtype=torch.float64,
-                              **common)  # fmt: skip
 
+
+def _check(out: torch.Tensor, ref: torch.Tensor, batch: PagedBatch) -> None:
+    """The real tokens' rows against the reference; padding tokens' rows untouched (NaN)."""
     n = batch.num_actual_tokens
     got, want = out[:n].double(), ref[:n]
     assert not got.isnan().any(), "kernel left real output rows unwritten (NaN)"

@@ -592,35 +592,34 @@ def test_gpu_build_never_syncs_or_allocates(route: str, device: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("requests", "expected", "prefills"),
+    ("requests", "expected"),
     [
-        ([(1, 9), (4, 30)], (True, False, False), (0, 0)),  # decodes and a spec-verify step
-        ([(5, 0), (40, 300), (1, 9)], (True, True, True), (5, 1)),  # V2: prompt before extend
-        ([(17, 0), (3, 0)], (False, False, True), (20, 2)),  # fresh prompts only, one short
-        ([(20, 5)], (False, True, False), (0, 0)),  # a chunked-prefill continuation
+        ([(1, 9), (4, 30)], ((5, 2), (0, 0), (0, 0))),  # decodes and a spec-verify step
+        ([(5, 0), (40, 300), (1, 9)], ((1, 1), (40, 1), (5, 1))),  # V2: prompt before extend
+        ([(17, 0), (3, 0)], ((0, 0), (0, 0), (20, 2))),  # fresh prompts only, one short
+        ([(20, 5)], ((0, 0), (20, 1), (0, 0))),  # a chunked-prefill continuation
     ],
 )
-def test_grouped_build_flags_the_groups_present(
+def test_grouped_build_sizes_the_groups_present(
     requests: list,
     expected: tuple,
-    prefills: tuple,
     route_env: pytest.MonkeyPatch,
     device: str,
 ) -> None:
-    """The host-side flags must name every group the device classifier will fill: an eager
-    launch skips a group flagged empty. The prefill count sizes the TMA prefill's grid."""
+    """The host-side (tokens, requests) of each group must be exactly what the device
+    classifier will sort: an eager launch skips a group sized empty and sizes each grid from
+    them (padded requests belong to no group)."""
     route_env.setenv(envs.ROUTE_ENV, "grouped")
     model = Model(device)
     setup = model.setup()
     batch = model.batch(requests, num_padded_requests=2)
     md = setup.builder.build(0, common_metadata(batch, padded=True))
-    assert md.active_groups == expected
-    assert md.prefill_size == prefills
+    assert md.group_sizes == expected
 
 
-def test_host_groups_follow_the_classifier_rule() -> None:
-    """The host's flags and fresh-prefill size, on random batches (padding, decodes, verify
-    lengths, extends, prefills, padded rows past num_reqs), against the rule written out."""
+def test_host_group_sizes_follow_the_classifier_rule() -> None:
+    """The host's group sizes, on random batches (padding, decodes, verify lengths, extends,
+    prefills, padded rows past num_reqs), against the rule written out."""
     rng = random.Random(0)
     for _ in range(500):
         num_reqs, num_padded = rng.randrange(40), rng.randrange(3)
@@ -632,11 +631,11 @@ def test_host_groups_follow_the_classifier_rule() -> None:
             seq_lens_cpu_upper_bound=torch.tensor([q + c for q, c in requests]),
         )
         real = requests[:num_reqs]
-        decode = any(0 < q <= MAX_DECODE_QUERY_LEN and c for q, c in real)
-        extend = any(q > MAX_DECODE_QUERY_LEN and c for q, c in real)
+        decodes = [q for q, c in real if 0 < q <= MAX_DECODE_QUERY_LEN and c]
+        extends = [q for q, c in real if q > MAX_DECODE_QUERY_LEN and c]
         prefills = [q for q, c in real if q and not c]
-        expected = ((decode, extend, bool(prefills)), (sum(prefills), len(prefills)))
-        assert plan_module._host_groups(cm) == expected, real
+        expected = tuple((sum(g), len(g)) for g in (decodes, extends, prefills))
+        assert plan_module._host_group_sizes(cm) == expected, real
 
 
 def test_grouped_build_without_host_lengths_launches_every_group(
@@ -649,7 +648,7 @@ def test_grouped_build_without_host_lengths_launches_every_group(
     cm = common_metadata(batch, padded=True)
     for upper_bound in (None, cm.seq_lens_cpu_upper_bound[:2]):  # absent, or not padded
         md = setup.builder.build(0, dataclasses.replace(cm, seq_lens_cpu_upper_bound=upper_bound))
-        assert md.active_groups is None and md.prefill_size is None
+        assert md.group_sizes is None
 
 
 def test_grouped_build_under_adaptive_verification_launches_every_group(
@@ -670,14 +669,14 @@ def test_grouped_build_under_adaptive_verification_launches_every_group(
         common_metadata(batch, padded=True),
         query_start_loc_cpu=torch.tensor([0, 5, 10, 10], dtype=torch.int32),
     )
-    host_groups = plan_module._host_groups(cm)
-    assert host_groups is not None
-    assert host_groups[0] == (True, False, False)  # no extend
+    host_sizes = plan_module._host_group_sizes(cm)
+    assert host_sizes is not None
+    assert host_sizes[1] == (0, 0)  # no extend
     assert cm.query_start_loc_cpu.diff().tolist() == host_q_lens
     oracle = oracle_copy(batch)
 
     md = setup.builder.build(0, cm)
-    assert md.active_groups is None and md.prefill_size is None
+    assert md.group_sizes is None
     output = run_step(setup, batch, md)
     assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
 
@@ -704,8 +703,8 @@ def test_unified_route_runs_large_prefill_steps_through_the_tma_prefill(
         oracle = oracle_copy(batch)
         md = setup.builder.build(0, common_metadata(batch, padded=True))
         assert (md.request_groups is not None) == classified
-        assert md.prefill_size == ((17, 1) if classified else None)
-        assert md.active_groups == ((True, True, True) if classified else None)
+        # (tokens, requests) of the decode, extend and prefill groups.
+        assert md.group_sizes == (((7, 3), (63, 1), (17, 1)) if classified else None)
         output = run_step(setup, batch, md)
         assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
         assert (len(tma_calls), len(unified_calls)) == ((1, 0) if classified else (1, 1))
@@ -801,17 +800,18 @@ def test_precompile_runs_every_step_shape_under_compile_only(
     )
     assert inside == [True, False] and len(classified_by_builder) == 1
     assert len(seen) == len(step_shapes(plan, route))
-    tma_shapes = [m for m in seen if m.prefill_size is not None]
+    tma_shapes = [m for m in seen if m.group_sizes is not None]
     assert len(tma_shapes) == MAX_DECODE_QUERY_LEN + 1
     for m in seen:
-        assert m.active_groups is None
         assert m.query_start_loc is md.query_start_loc and m.block_table is md.block_table
         if m.num_segments > 1:
             assert m.num_actual_tokens == md.workspace.max_tokens < md.num_actual_tokens
         else:
             assert m.num_actual_tokens == md.num_actual_tokens
-        if m.prefill_size is not None:
-            assert m.prefill_size == (40, 1) and m.request_groups is plan.request_groups
+        if m.group_sizes is not None:  # every group launches; the prefill reaches the TMA size
+            tokens = m.num_actual_tokens
+            assert m.group_sizes == ((tokens, 1), (tokens, 1), (40, 1))
+            assert m.request_groups is plan.request_groups
         else:
             assert m.request_groups is (plan.request_groups if route == "grouped" else None)
     assert {(m.max_query_len, m.num_segments) for m in seen} >= {

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import DEVICE
-from kernel_check import prefill_size, run_and_check
+from kernel_check import host_group_sizes, run_and_check
 from paged_batch import make_batch
 
 from vllm_portable_attn.kernels import (
@@ -192,8 +192,8 @@ def test_gpu_grouped_features(features: dict) -> None:
     run_and_check(b, provider="grouped", **features)
 
 
-# Just enough prefill work for the TMA prefill's minimum grid on sm_90 (4129 prefill tokens x 32
-# heads / 128 rows = 1024 programs), with decodes and an extend in the same batch.
+# Prefill work for several rounds of the TMA prefill's persistent grid on sm_90 (4129 prefill
+# tokens x 32 heads / 128 rows: about 1070 work items), with decodes and an extend in the batch.
 GPU_TMA_BATCH = [(1, 3000), (2600, 0), (1, 70), (300, 4000), (1400, 0), (129, 0), (6, 900)]
 
 
@@ -203,7 +203,7 @@ GPU_TMA_BATCH = [(1, 3000), (2600, 0), (1, 70), (300, 4000), (1400, 0), (129, 0)
 def test_gpu_grouped_large_prefills(tma_prefill: bool, dtype: torch.dtype) -> None:
     b = gpu_batch(GPU_TMA_BATCH, dtype=dtype, num_padded_requests=2, num_padding_tokens=4)
     if tma_prefill and torch.cuda.get_device_capability()[0] == 9:
-        tokens, _ = prefill_size(b)
+        _, _, (tokens, _) = host_group_sizes(b)
         assert tma_prefill_config(tokens, 32) is not None, "not the TMA kernel's size"
     run_and_check(b, provider="grouped", tma_prefill=tma_prefill)
 

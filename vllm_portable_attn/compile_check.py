@@ -432,10 +432,12 @@ def _run_scenario(sc: Scenario, target: Target, device: str = "meta") -> None:
         classify_requests(query_start_loc, seq_lens, groups, MAX_DECODE_QUERY_LEN)
         # As impl.py: layers sharing another layer's cache pass no K/V (prefills read the cache).
         dense = not sc.kv_sharing
+        # Every group launches; the last request is the prefill (its size picks the TMA path).
+        whole_batch = (sum(q_lens), len(q_lens))
         grouped_attention(
             query, key if dense else None, value if dense else None, key_cache, value_cache,
             output, query_start_loc, seq_lens, block_table, groups,
-            prefill_size=(q_lens[-1], 1), **common,
+            group_sizes=(whole_batch, whole_batch, (q_lens[-1], 1)), **common,
         )  # fmt: skip
     else:
         raise ValueError(f"unknown route {sc.route!r}")

@@ -23,6 +23,7 @@ from vllm_portable_attn._compat import (
     get_logger,
 )
 from vllm_portable_attn.kernels import (
+    GroupSizes,
     choose_tma_prefill,
     count_score_features,
     grouped_attention,
@@ -180,7 +181,7 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         key: torch.Tensor | None,
         value: torch.Tensor | None,
         key_cache: torch.Tensor,
-        prefill_size: tuple[int, int] | None,
+        group_sizes: GroupSizes | None,
     ) -> bool:
         """The grouped route always; on the unified route, a step the builder classified for
         the TMA prefill, in a layer where that kernel applies (plan.py's module docstring):
@@ -191,7 +192,7 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             return False
         tma_config = choose_tma_prefill(
             query, key, value, key_cache, causal=True, score_features=self.score_features,
-            prefill_size=prefill_size,
+            prefill_size=group_sizes[2] if group_sizes else None,
         )  # fmt: skip
         return tma_config is not None
 
@@ -278,13 +279,11 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
         # Host-side facts about a classified step's groups; a captured graph replays other
         # steps, so a capture must not use them.
         capturing = md.request_groups is not None and graph_capture_in_progress()
-        active_groups = None if capturing else md.active_groups
-        prefill_size = None if capturing else md.prefill_size
-        if self._runs_grouped_launches(md, query, key, value, key_cache, prefill_size):
+        group_sizes = None if capturing else md.group_sizes
+        if self._runs_grouped_launches(md, query, key, value, key_cache, group_sizes):
             grouped_attention(
                 query, key, value, key_cache, value_cache, output, *lengths,
-                md.request_groups, active_groups=active_groups, prefill_size=prefill_size,
-                **options,
+                md.request_groups, group_sizes=group_sizes, **options,
             )  # fmt: skip
         else:
             unified_attention(query, key_cache, value_cache, output, *lengths, **options)

@@ -49,19 +49,16 @@ from vllm_portable_attn._compat import (
     num_attention_heads_of_layers,
 )
 from vllm_portable_attn.kernels import (
-    GROUP_DECODE,
-    GROUP_EXTEND,
-    GROUP_PADDING,
-    GROUP_PREFILL,
     MAX_DECODE_QUERY_LEN,
     MAX_SEGMENTS,
     MAX_SPLIT_TOKENS,
+    GroupSizes,
     RequestGroups,
     SplitKVWorkspace,
     choose_num_segments,
     classify_requests,
+    group_sizes,
 )
-from vllm_portable_attn.kernels.classify import NUM_GROUPS
 from vllm_portable_attn.kernels.configs import (
     TMA_PREFILL_HEAD_SIZES,
     config_table_name,
@@ -96,12 +93,10 @@ class PortableAttentionMetadata(AttentionMetadata):
     # This step's classification: every step on the grouped route; on the unified route only
     # a step classified for the TMA prefill (see the module docstring), else None.
     request_groups: RequestGroups | None
-    # Classified steps: which of (decode, extend, prefill) hold requests, from host-side
-    # lengths; None when unknown. Only eager launches may use it (PortableAttentionImpl.forward).
-    active_groups: tuple[bool, bool, bool] | None = None
-    # Classified steps: (tokens, requests) of the fresh prefills, from host-side lengths; None
-    # when unknown. It sizes the TMA prefill's grid, so it too is for eager launches only.
-    prefill_size: tuple[int, int] | None = None
+    # Classified steps: (tokens, requests) of the decode, extend and prefill groups, from
+    # host-side lengths; None when unknown. They skip empty groups and size each group's grid,
+    # so only eager launches may use them (PortableAttentionImpl.forward).
+    group_sizes: GroupSizes | None = None
     # The builder's precompile plan (precompile.py): each layer's first eager step compiles
     # every launch its later steps can take. None where nothing is compiled (no GPU).
     precompile: PrecompilePlan | None = None
@@ -300,13 +295,11 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 # The policy already refuses such batches; guard against a policy change.
                 num_segments = 1
 
-        request_groups = active_groups = prefill_size = None
+        request_groups = group_sizes = None
         if self.route == "grouped" or self._may_take_tma_prefill(cm.num_actual_tokens):
-            host_groups = _host_groups(cm) if self.host_lengths_exact else None
-            if host_groups is not None:
-                active_groups, prefill_size = host_groups
+            group_sizes = _host_group_sizes(cm) if self.host_lengths_exact else None
             if self.route == "grouped" or (
-                prefill_size is not None and self._may_take_tma_prefill(prefill_size[0])
+                group_sizes is not None and self._may_take_tma_prefill(group_sizes[2][0])
             ):
                 # The decode group takes every query up to the decode-tile bound, so spec-decode
                 # verify steps (1 + num_speculative_tokens <= 8) run as decodes.
@@ -315,7 +308,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 )
                 request_groups = self.request_groups
             else:  # a unified-route step that stays on the unified launch
-                active_groups = prefill_size = None
+                group_sizes = None
 
         return PortableAttentionMetadata(
             route=self.route,
@@ -329,8 +322,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             num_segments=num_segments,
             workspace=self.workspace,
             request_groups=request_groups,
-            active_groups=active_groups,
-            prefill_size=prefill_size,
+            group_sizes=group_sizes,
             precompile=self.precompile,
         )
 
@@ -341,17 +333,15 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         return min_tokens is not None and num_tokens >= max(min_tokens, 1)
 
 
-def _host_groups(
-    cm: CommonAttentionMetadata,
-) -> tuple[tuple[bool, bool, bool], tuple[int, int]] | None:
-    """Which of (decode, extend, prefill) hold requests, by the device classifier's rule, and
-    (tokens, requests) of the fresh prefills, from lengths vLLM already has on the host (no
-    sync); None if they are not there (then every group is launched).
+def _host_group_sizes(cm: CommonAttentionMetadata) -> GroupSizes | None:
+    """(tokens, requests) of the decode, extend and prefill groups (`group_sizes`), from lengths
+    vLLM already has on the host (no sync); None if they are not there (then every group is
+    launched over the whole batch).
 
     `seq_lens_cpu_upper_bound` is exact except for asynchronous spec-decode rows, where it is
-    optimistic; those rows have context either way, so a request without context (a prefill)
-    is always seen as one: the flags can only over-report a group, never miss one, and the
-    prefill size is exact. One pass of a few numpy operations, as this runs every step.
+    optimistic; those rows have context either way, and a request without context (a prefill)
+    is always seen as one, so with exact query lengths every request lands in the group the
+    device puts it in: the sizes are exact, which the grids sized from them rely on.
     """
     seq_lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
     if seq_lens is None or seq_lens.shape[0] < cm.num_reqs:
@@ -359,15 +349,4 @@ def _host_groups(
         return None
     num_reqs = cm.num_reqs
     q_lens = np.diff(cm.query_start_loc_cpu.numpy()[: num_reqs + 1])
-    has_context = seq_lens.numpy()[:num_reqs] > q_lens
-    is_long = q_lens > MAX_DECODE_QUERY_LEN
-    group = np.where(has_context, np.where(is_long, GROUP_EXTEND, GROUP_DECODE), GROUP_PREFILL)
-    group[q_lens == 0] = GROUP_PADDING
-    requests = np.bincount(group, minlength=NUM_GROUPS)
-    tokens = np.bincount(group, weights=q_lens, minlength=NUM_GROUPS)
-    active = (
-        bool(requests[GROUP_DECODE]),
-        bool(requests[GROUP_EXTEND]),
-        bool(requests[GROUP_PREFILL]),
-    )
-    return active, (int(tokens[GROUP_PREFILL]), int(requests[GROUP_PREFILL]))
+    return group_sizes(q_lens, seq_lens.numpy()[:num_reqs], MAX_DECODE_QUERY_LEN)

@@ -92,7 +92,9 @@ def precompile_step_shapes(
             num_tokens = md.num_actual_tokens
             if shape.num_segments > 1:  # a split step fits the workspace (there is one then)
                 num_tokens = min(num_tokens, md.workspace.max_tokens)
-            prefill_size = None if shape.prefill_tokens is None else (shape.prefill_tokens, 1)
+            group_sizes = None  # every group over the whole batch, as in a capture
+            if shape.prefill_tokens is not None:  # every group, and the TMA prefill's size
+                group_sizes = ((num_tokens, 1), (num_tokens, 1), (shape.prefill_tokens, 1))
             attend(
                 replace(
                     md,
@@ -100,8 +102,7 @@ def precompile_step_shapes(
                     max_query_len=shape.max_query_len,
                     num_segments=shape.num_segments,
                     request_groups=plan.request_groups if shape.classified else None,
-                    active_groups=None,  # every group, as in a capture
-                    prefill_size=prefill_size,
+                    group_sizes=group_sizes,
                 )
             )
     seconds = time.perf_counter() - started

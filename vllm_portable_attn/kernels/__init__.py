@@ -9,8 +9,10 @@ from vllm_portable_attn.kernels.classify import (
     GROUP_EXTEND,
     GROUP_PADDING,
     GROUP_PREFILL,
+    GroupSizes,
     RequestGroups,
     classify_requests,
+    group_sizes,
 )
 from vllm_portable_attn.kernels.configs import (
     MAX_DECODE_QUERY_LEN,
@@ -30,6 +32,7 @@ __all__ = [
     "GROUP_EXTEND",
     "GROUP_PADDING",
     "GROUP_PREFILL",
+    "GroupSizes",
     "MAX_DECODE_QUERY_LEN",
     "MAX_SEGMENTS",
     "MAX_SPLIT_TOKENS",
@@ -40,6 +43,7 @@ __all__ = [
     "choose_tma_prefill",
     "classify_requests",
     "count_score_features",
+    "group_sizes",
     "grouped_attention",
     "merge_segments",
     "unified_attention",

@@ -6,7 +6,8 @@ Each program owns one *query block* of one sequence and one KV head:
   * Static grid: `num_query_blocks` (num_tokens // BLOCK_Q + num_seqs, or num_tokens for
     one-token blocks) bounds sum(ceil(q_len / BLOCK_Q)) without a host sync (see
     `find_seq_idx`); surplus programs exit at once. The grid depends only on padded counts,
-    so it is safe inside full CUDA graphs of mixed batches.
+    so it is safe inside full CUDA graphs of mixed batches. An eager grouped launch passes
+    its group's exact host-known size instead, so idle programs do not crowd a mixed step.
     Blocks are served in reverse order, so the longest causal blocks start first.
   * Causal with the context offset: query i of a sequence sits at position context_len + i,
     where context_len = seq_len - q_len, and sees keys at or before it.
@@ -385,12 +386,15 @@ def launch_attention(
     workspace: SplitKVWorkspace | None = None,
     group: int = -1,
     groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    group_size: tuple[int, int] | None = None,
 ) -> None:
     """Marshal one launch of `attention_kernel`; the public launchers validate first.
 
     `key`/`value` are the paged caches [blocks, page, kv_heads, D], or, when `block_table` is
     None, the new tokens' dense [tokens, kv_heads, D] (every sequence then has no context).
-    `groups` is (seq_order, order_cu_q, group_bounds) from `classify_requests`.
+    `groups` is (seq_order, order_cu_q, group_bounds) from `classify_requests`. `group_size`,
+    the (tokens, requests) of `group` where the host knows them exactly, sizes the grid for
+    that group alone; otherwise it covers the whole batch.
     """
     num_tokens, num_heads, head_size = query.shape
     paged = block_table is not None
@@ -412,7 +416,8 @@ def launch_attention(
             (value.stride(0), 0, value.stride(1)),
         )
 
-    grid = (num_query_blocks(num_tokens, num_seqs, config.block_q), num_kv_heads, num_segments)
+    grid_tokens, grid_seqs = group_size or (num_tokens, num_seqs)
+    grid = (num_query_blocks(grid_tokens, grid_seqs, config.block_q), num_kv_heads, num_segments)
     attention_kernel[grid](
         query, key, value, output,
         ws.partial_out if ws else placeholder,

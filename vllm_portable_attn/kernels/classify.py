@@ -16,12 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 GROUP_DECODE, GROUP_EXTEND, GROUP_PREFILL, GROUP_PADDING = range(4)
 NUM_GROUPS = 4
+
+#: (tokens, requests) of the decode, extend and prefill groups of one step.
+GroupSizes = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 @dataclass
@@ -112,3 +116,23 @@ def classify_requests(
         NUM_GROUPS=NUM_GROUPS,
         BLOCK=max(triton.next_power_of_2(capacity), 16),
     )  # fmt: skip
+
+
+def group_sizes(q_lens: np.ndarray, seq_lens: np.ndarray, decode_threshold: int) -> GroupSizes:
+    """The host's twin of the classifier: (tokens, requests) of each group of a batch with these
+    query and total lengths (host arrays, one entry per request), by the same rule.
+
+    For launchers that know the lengths on the host: an empty group need not launch, and a grid
+    can cover its group alone. One pass of a few numpy operations, as it runs every step.
+    """
+    has_context = seq_lens > q_lens
+    is_long = q_lens > decode_threshold
+    group = np.where(has_context, np.where(is_long, GROUP_EXTEND, GROUP_DECODE), GROUP_PREFILL)
+    group[q_lens == 0] = GROUP_PADDING
+    requests = np.bincount(group, minlength=NUM_GROUPS).tolist()
+    tokens = np.bincount(group, weights=q_lens, minlength=NUM_GROUPS).astype(np.int64).tolist()
+    return (
+        (tokens[GROUP_DECODE], requests[GROUP_DECODE]),
+        (tokens[GROUP_EXTEND], requests[GROUP_EXTEND]),
+        (tokens[GROUP_PREFILL], requests[GROUP_PREFILL]),
+    )

@@ -8,10 +8,13 @@ then runs, in this order:
   prefill  the new tokens' own K/V, dense and contiguous: no block-table lookups at all. On
            sm_90, large enough plain causal prefills run through TMA copies and warp
            specialisation instead (tma_prefill.py); elsewhere the portable kernel does.
-Every launch covers the whole batch's static grid and its programs look up their group's slice
-of the sorted index list on the device, so the grids depend only on padded counts and every
-launch is safe to capture in a full CUDA graph. All three always launch; a program of an empty
-group exits at once.
+Each launch's programs look up their group's slice of the sorted index list on the device. In
+an eager step the host knows every group's size (`GroupSizes`, from the plan): an empty group
+is not launched and each grid covers its own group only. Without them (a CUDA-graph capture,
+whose launches serve every later batch of its size) all three launch over the whole batch's
+static grid, which depends only on padded counts, and a program of an empty group exits at
+once. Sizing the grids matters in mixed steps: a decode grid over a 4k-token batch is 4k
+programs per KV head, nearly all of them idle.
 
 The merge runs over every token of the (small) split batch, so it also writes rows of extend
 and prefill tokens, from stale partials; those rows are rewritten by the extend and prefill
@@ -27,6 +30,7 @@ from vllm_portable_attn.kernels.classify import (
     GROUP_DECODE,
     GROUP_EXTEND,
     GROUP_PREFILL,
+    GroupSizes,
     RequestGroups,
 )
 from vllm_portable_attn.kernels.configs import (
@@ -69,8 +73,7 @@ def grouped_attention(
     v_scale: torch.Tensor | None = None,
     num_segments: int = 1,
     workspace: SplitKVWorkspace | None = None,
-    active_groups: tuple[bool, bool, bool] | None = None,
-    prefill_size: tuple[int, int] | None = None,
+    group_sizes: GroupSizes | None = None,
     allow_tma_prefill: bool = True,
 ) -> None:
     """Paged attention over a mixed batch through per-group kernels, into `output` in place.
@@ -82,14 +85,11 @@ def grouped_attention(
             through the paged path instead.
         groups: this step's classification, from `classify_requests` with a decode threshold
             of at most MAX_DECODE_QUERY_LEN.
-        active_groups: (decode, extend, prefill) flags known on the host; a False group is not
-            launched. None launches all three, as a CUDA-graph capture must (the captured
-            launches serve every later batch of that size).
-        prefill_size: (tokens, requests) of the prefill group, known on the host; None if not
-            (a CUDA-graph capture). The TMA prefill runs only when it is given: its grid is
-            sized from it, since a grid sized for the whole batch left thousands of idle
-            programs to start in a mixed batch (H200: 772 us against the portable kernel's 632
-            for 4 x 1k prefills among 128 decodes).
+        group_sizes: each group's (tokens, requests), known on the host; an empty group is
+            not launched and each grid covers its group only. None (a CUDA-graph capture: the
+            captured launches serve every later batch of that size) launches all three over
+            the whole batch. The TMA prefill runs only when they are given, since its grid is
+            sized from them.
         allow_tma_prefill: False keeps fresh prefills on the portable kernel where the TMA
             prefill would apply (benchmarks compare the two).
     """
@@ -109,6 +109,7 @@ def grouped_attention(
     prefill_cfg = attention_config(
         pad_d, pad_q, max_query_len, "prefill_dense" if dense_prefill else "prefill", elem, mods
     )
+    decode_size, extend_size, prefill_size = group_sizes or (None, None, None)
     tma_cfg = None
     if allow_tma_prefill:
         tma_cfg = choose_tma_prefill(
@@ -122,20 +123,29 @@ def grouped_attention(
     )  # fmt: skip
     paged = (query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table)
 
-    run_decode, run_extend, run_prefill = active_groups or (True, True, True)
-    if run_decode:
-        launch_attention(*paged, config=decode_cfg, group=GROUP_DECODE,
+    if _launched(decode_size):
+        launch_attention(*paged, config=decode_cfg, group=GROUP_DECODE, group_size=decode_size,
                          num_segments=num_segments, workspace=workspace, **features)  # fmt: skip
         if num_segments > 1:
             merge_segments(output, workspace, query_start_loc, num_segments)
-    if run_extend:
-        launch_attention(*paged, config=extend_cfg, group=GROUP_EXTEND, **features)
-    if run_prefill and tma_cfg is not None:
+    if _launched(extend_size):
+        launch_attention(*paged, config=extend_cfg, group=GROUP_EXTEND, group_size=extend_size,
+                         **features)  # fmt: skip
+    if not _launched(prefill_size):
+        return
+    if tma_cfg is not None:
         tma_prefill_attention(query, key, value, output, query_start_loc, groups.as_tuple(),
                               group=GROUP_PREFILL, group_size=prefill_size,
                               softmax_scale=softmax_scale, config=tma_cfg)  # fmt: skip
-    elif run_prefill and dense_prefill:
+    elif dense_prefill:
         launch_attention(query, key, value, output, query_start_loc, seq_lens, None,
-                         config=prefill_cfg, group=GROUP_PREFILL, **features)  # fmt: skip
-    elif run_prefill:
-        launch_attention(*paged, config=prefill_cfg, group=GROUP_PREFILL, **features)
+                         config=prefill_cfg, group=GROUP_PREFILL, group_size=prefill_size,
+                         **features)  # fmt: skip
+    else:
+        launch_attention(*paged, config=prefill_cfg, group=GROUP_PREFILL,
+                         group_size=prefill_size, **features)  # fmt: skip
+
+
+def _launched(group_size: tuple[int, int] | None) -> bool:
+    """Whether a group launches: always when its size is unknown, else when it has requests."""
+    return group_size is None or group_size[1] > 0

@@ -810,7 +810,7 @@ def test_precompile_runs_every_step_shape_under_compile_only(
             assert m.num_actual_tokens == md.num_actual_tokens
         if m.group_sizes is not None:  # every group launches; the prefill reaches the TMA size
             tokens = m.num_actual_tokens
-            assert m.group_sizes == ((tokens, 1), (tokens, 1), (40, 1))
+            assert m.group_sizes == ((m.max_query_len, 1), (tokens, 1), (40, 1))
             assert m.request_groups is plan.request_groups
         else:
             assert m.request_groups is (plan.request_groups if route == "grouped" else None)
@@ -872,6 +872,7 @@ def test_gpu_precompile_leaves_nothing_to_compile_for_later_steps(
         [(1, 30)] * 10,  # padded past the split bound below: no split
         [(40, 100), (1, 30), (300, 0)],  # extend, decode, prefill
         [(4100, 0), (1, 30), (5, 70), (200, 64)],  # a TMA step on sm_90
+        [(1100, 0), (1, 30), (1, 70)],  # a TMA step whose decodes take the decode tile
     ]
     compiled: list[str] = []
     monkeypatch.setattr(

@@ -25,7 +25,7 @@ from vllm_portable_attn.kernels import (
     classify_requests,
 )
 from vllm_portable_attn.kernels import grouped as grouped_module
-from vllm_portable_attn.kernels.configs import tma_prefill_config
+from vllm_portable_attn.kernels.configs import attention_config, tma_prefill_config
 
 DECODES = [(1, 33), (1, 7), (4, 20)]  # (query_len, context_len); q 4 is a spec-verify step
 EXTENDS = [(40, 17), (9, 100)]  # chunked-prefill continuations / prefix-cache hits
@@ -91,6 +91,31 @@ def test_prefill_group_takes_the_tma_kernel(spy: Callable[[object, str], list[di
     run_and_check(batch(v1_order()), provider="grouped", softcap=3.0)
     run_and_check(batch(v1_order(), dtype=torch.float32), provider="grouped")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("requests", "sized", "decode_len"),
+    [
+        ([(1, 30), (40, 0), (1, 50)], True, 1),  # single-token decodes beside a prefill
+        ([(3, 30), (40, 0), (1, 50)], True, 8),  # a verify query: the step's bound holds it
+        ([(1, 30), (40, 0), (1, 50)], False, 8),  # sizes unknown (a capture): the bound too
+    ],
+    ids=["decodes", "verify", "capture"],
+)
+def test_decode_group_tile_follows_its_queries(
+    requests: list, sized: bool, decode_len: int, spy: Callable[[object, str], list[dict]]
+) -> None:
+    """In a step with a long prefill, single-token decodes keep the decode tile (the spec-verify
+    tile holds an SM per program); the outputs match the reference either way."""
+    calls = spy(grouped_module, "launch_attention")
+    b = batch(requests)
+    run_and_check(b, provider="grouped")  # sized, then as in a capture
+    decode_configs = [c["config"] for c in calls if c["group"] == GROUP_DECODE]
+    assert len(decode_configs) == 2
+    shape = "decode" if decode_len == 1 else "spec"
+    pad_d, pad_q = 32, 4  # batch(): head size 32, 8 query heads per 2 KV heads
+    expected = attention_config(pad_d, pad_q, decode_len, shape, b.query.element_size())
+    assert decode_configs[0 if sized else 1] == expected
 
 
 @pytest.mark.parametrize("provider", ["unified", "grouped"])

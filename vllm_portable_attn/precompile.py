@@ -93,8 +93,14 @@ def precompile_step_shapes(
             if shape.num_segments > 1:  # a split step fits the workspace (there is one then)
                 num_tokens = min(num_tokens, md.workspace.max_tokens)
             group_sizes = None  # every group over the whole batch, as in a capture
-            if shape.prefill_tokens is not None:  # every group, and the TMA prefill's size
-                group_sizes = ((num_tokens, 1), (num_tokens, 1), (shape.prefill_tokens, 1))
+            if shape.prefill_tokens is not None:
+                # Every group, the TMA prefill's size, and a decode group whose longest query is
+                # the shape's (grouped.py picks the decode group's tile from its size).
+                group_sizes = (
+                    (shape.max_query_len, 1),
+                    (num_tokens, 1),
+                    (shape.prefill_tokens, 1),
+                )
             attend(
                 replace(
                     md,

@@ -99,7 +99,8 @@ def grouped_attention(
     if query.shape[0] == 0:
         return
     pad_d, pad_q = head_pad(query.shape[2]), queries_per_kv_pad(query, key_cache)
-    decode_len = min(max_query_len, MAX_DECODE_QUERY_LEN)
+    decode_size, extend_size, prefill_size = group_sizes or (None, None, None)
+    decode_len = _decode_query_len(max_query_len, decode_size)
     elem = query.element_size()
     mods = count_score_features(sliding_window, softcap or None, alibi_slopes, sinks)
     decode_shape = launch_shape(decode_len, num_segments)
@@ -109,7 +110,6 @@ def grouped_attention(
     prefill_cfg = attention_config(
         pad_d, pad_q, max_query_len, "prefill_dense" if dense_prefill else "prefill", elem, mods
     )
-    decode_size, extend_size, prefill_size = group_sizes or (None, None, None)
     tma_cfg = None
     if allow_tma_prefill:
         tma_cfg = choose_tma_prefill(
@@ -144,6 +144,20 @@ def grouped_attention(
     else:
         launch_attention(*paged, config=prefill_cfg, group=GROUP_PREFILL,
                          group_size=prefill_size, **features)  # fmt: skip
+
+
+def _decode_query_len(max_query_len: int, decode_size: tuple[int, int] | None) -> int:
+    """The longest query the decode group's tile must hold.
+
+    A group of single-token decodes (as many tokens as requests) takes the decode tile even in
+    a step whose longest query is a prefill's; the spec-verify tile it would get from the
+    step's bound packs 8 query tokens per program, and on Hopper its three stages of 128-key
+    tiles take about 200 KiB of shared memory: one program per SM, where the decode tile fits
+    two. Otherwise the step's bound, at most MAX_DECODE_QUERY_LEN.
+    """
+    if decode_size is not None and decode_size[0] == decode_size[1]:
+        return 1
+    return min(max_query_len, MAX_DECODE_QUERY_LEN)
 
 
 def _launched(group_size: tuple[int, int] | None) -> bool:

@@ -22,6 +22,7 @@ import _common as C  # noqa: E402
 
 COLORS = {
     "portable": "#1f77b4",
+    "portable_grouped": "#9467bd",
     "CUSTOM": "#1f77b4",
     "triton_attn": "#ff7f0e",
     "TRITON_ATTN": "#ff7f0e",
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--output", default="kernels_vs_fa3.png")
     ap.add_argument(
         "--providers",
-        default="portable,triton_attn,flashinfer",
+        default="portable,portable_grouped,triton_attn,flashinfer",
         help="kernel providers to draw (FA3 is the 1.0 line)",
     )
     args = ap.parse_args(argv)
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", lw=1, label="FA3 = 1" if metric == "speed_vs_fa3" else None)
         ax.set_xlabel(xlabel)
-        ax.legend(loc="lower right", fontsize=8)
+        # Below the axes: inside, it would cover the last case's bars.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=4, fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     info = next((r for r in reversed(sel or e2e) if r.get("gpu")), {})
     title = f"{info.get('gpu', '?')}  commit {str(info.get('git_commit') or '?')[:10]}"

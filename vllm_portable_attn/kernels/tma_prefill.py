@@ -8,9 +8,10 @@ spills), so the QK and PV dots of one consumer overlap the other's softmax.
 
 The grid is persistent: one program per SM, each taking (query block, head) work items in turns,
 heads fastest and longest blocks first, alternating direction every round. A program builds its
-descriptors once, and no program starts only to find a short block (H200, Llama-8B heads,
-against the one-program-per-block grid of session E: 16 x 1k 477 -> 373 us, 1 x 2k 111 -> 95,
-8k 1150 -> 1139; benchmarks/NOTES.md, session H).
+descriptors once, and no program starts only to find a short block. H200, Llama-8B heads: in
+one run of benchmarks/prototypes/tma_prefill_variants, against one program per block, 16 x 1k
+477 -> 373 us and 1 x 2k 111 -> 95; the alternation then brought 16k back from the round-robin
+4574 to 4404 us; against FA3 this kernel runs 1k-16k prompts at 0.84-0.93x (NOTES.md, session H).
 
 What Triton 3.6's sm_90 pass accepts shapes this kernel: no early return and no `while` loop
 anywhere (so `find_seq_idx` runs unrolled, a fixed number of halvings), no reduction before the

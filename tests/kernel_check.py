@@ -67,8 +67,6 @@ def run_and_check(
             MAX_SPLIT_TOKENS, batch.query.shape[1], batch.head_size, MAX_SEGMENTS,
             batch.query.device,
         )  # fmt: skip
-        for scratch in (workspace.partial_out, workspace.partial_max, workspace.partial_sum):
-            scratch.fill_(float("nan"))
 
     paged = (key_cache, value_cache)
     lengths = (batch.query_start_loc, batch.seq_lens, batch.block_table)
@@ -84,6 +82,7 @@ def run_and_check(
     paged_attention_reference(batch.query, *paged, ref, *lengths, compute_dtype=torch.float64,
                               **common)  # fmt: skip
     if provider == "unified":
+        _poison(workspace)
         out = torch.full_like(batch.query, float("nan"))
         unified_attention(batch.query, *paged, out, *lengths, **split, **common)
         _check(out, ref, batch)
@@ -94,13 +93,7 @@ def run_and_check(
         # An eager step's launches (grids sized per group from host lengths, the TMA prefill
         # where it applies), then a capture's (every group over the whole batch's grid).
         for sizes in (host_group_sizes(batch), None):
-            if workspace is not None:
-                for scratch in (
-                    workspace.partial_out,
-                    workspace.partial_max,
-                    workspace.partial_sum,
-                ):
-                    scratch.fill_(float("nan"))
+            _poison(workspace)
             out = torch.full_like(batch.query, float("nan"))
             grouped_attention(batch.query, batch.key, batch.value, *paged, out, *lengths, groups,
                               group_sizes=sizes, allow_tma_prefill=tma_prefill,
@@ -108,6 +101,13 @@ def run_and_check(
             _check(out, ref, batch)
     else:
         raise ValueError(f"unknown provider {provider!r}")
+
+
+def _poison(workspace: SplitKVWorkspace | None) -> None:
+    """NaN in the split-KV scratch, so a partial the merge reads but no program wrote fails."""
+    if workspace is not None:
+        for scratch in (workspace.partial_out, workspace.partial_max, workspace.partial_sum):
+            scratch.fill_(float("nan"))
 
 
 def _check(out: torch.Tensor, ref: torch.Tensor, batch: PagedBatch) -> None:

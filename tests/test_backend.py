@@ -976,6 +976,43 @@ def test_precompile_runs_every_step_shape_under_compile_only(
     }
 
 
+@pytest.mark.parametrize(
+    ("route_name", "tma_prefill_tokens", "compiled"),
+    [
+        ("grouped", None, True),
+        ("grouped", 40, True),
+        ("unified", 40, True),
+        ("unified", None, False),
+    ],
+)
+def test_precompile_compiles_the_classifier_wherever_steps_are_classified(
+    route_name: str,
+    tma_prefill_tokens: int | None,
+    compiled: bool,
+    route_env: pytest.MonkeyPatch,
+    device: str,
+) -> None:
+    """build() classifies on the host, so no warm-up step launches the device classifier; the
+    precompile compiles it for every builder whose steps may need it as the fallback (the
+    grouped route without a TMA prefill too: ROCm's default)."""
+    route_env.setenv(envs.ROUTE_ENV, route_name)
+    model = Model(device)
+    setup = model.setup()
+    plan = dataclasses.replace(
+        setup.builder.precompile_plan(), tma_prefill_tokens=tma_prefill_tokens
+    )
+    route_env.setattr(
+        precompile_module, "compile_only", lambda: contextlib.nullcontext(CompileCount())
+    )
+    classified: list[tuple] = []
+    route_env.setattr(precompile_module, "classify_requests", lambda *a: classified.append(a))
+    md = setup.builder.build(0, common_metadata(model.batch(DECODES), padded=False))
+    precompile_module.precompile_step_shapes(lambda shape_md: None, md, plan)
+    assert len(classified) == int(compiled)
+    if compiled:
+        assert classified[0][2] is plan.request_groups
+
+
 def test_forward_precompiles_once_at_the_first_eager_step(
     route: str, device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,7 @@
 The builder runs once per step and KV-cache group; every layer of the group then runs the same
 plan. It obeys the rules of full CUDA graphs (the builder declares ``ALWAYS``):
 
-* no device->host synchronisation: only Python ints vLLM already has on the host are read;
+* no device->host synchronisation: only values vLLM already has on the host are read;
 * no per-step allocation: tensors are the runner's persistent buffers, passed through, plus the
   split-KV workspace, the request-group buffers and their host staging ring, which this
   builder allocates once;

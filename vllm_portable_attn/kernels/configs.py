@@ -95,7 +95,7 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     # stages rather than three: 1-2% faster on every split shape measured (B1-16, 1k-32k keys,
     # H200, 2026-11-29; both use about 72 KiB of shared memory, so the cause is not occupancy);
     # 64-key tiles were 10-30% slower.
-    ("hopper", "decode"): (16, 64, 4, 3),
+    ("hopper", "decode"): (16, 64, 4, 2),
     ("hopper", "decode_split"): (16, 128, 4, 2),
     ("hopper", "spec"): (16, 128, 8, 3),
     ("ampere", "decode"): (16, 64, 4, 2),

@@ -470,9 +470,6 @@ def _run_route(
             "sync_checked": bool(armed),
             "target_us": TARGET_BUILD_US,
         }
-        # Builds that found no free staging slot and launched the device classifier instead
-        # (plan.py); a timing with many of them is not the host path's.
-        fallbacks_before = layer.builder.device_classifier_fallbacks
         try:
             ns, allocs = time_builds(lambda cm=cm: layer.build(cm), o["builds"], cuda=cuda)
         except RuntimeError as e:  # a sync under the debug mode, or a failing build
@@ -484,7 +481,6 @@ def _run_route(
             row.update(
                 sync_free=True if armed else None,
                 cuda_allocs_per_build=allocs / len(ns) if cuda else None,
-                classifier_fallbacks=layer.builder.device_classifier_fallbacks - fallbacks_before,
                 within_target=st["p90"] <= TARGET_BUILD_US if cuda else None,
             )
         emit(row)
@@ -581,11 +577,6 @@ def _print_build_row(r: dict[str, Any]) -> None:
         f"{r['route']:<8} {r['step']:<24} build {r['build_us_median']:6.1f} us median, "
         f"{r['build_us_p90']:6.1f} p90, {r['build_us_p99']:6.1f} p99"
         + (f", {r['cuda_allocs_per_build']:.2f} allocs/build" if r.get("sync_checked") else "")
-        + (
-            f", {r['classifier_fallbacks']} device-classifier fallbacks"
-            if r.get("classifier_fallbacks")
-            else ""
-        )
         + (", no sync" if r.get("sync_free") else ""),
         flush=True,
     )

@@ -18,7 +18,6 @@ import random
 import types
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 import torch
 from paged_batch import (
@@ -42,12 +41,7 @@ from vllm_portable_attn import plan as plan_module
 from vllm_portable_attn import precompile as precompile_module
 from vllm_portable_attn.backend import PortableAttentionBackend
 from vllm_portable_attn.impl import PortableAttentionImpl
-from vllm_portable_attn.kernels import (
-    MAX_DECODE_QUERY_LEN,
-    RequestGroups,
-    classify_on_host,
-    classify_requests,
-)
+from vllm_portable_attn.kernels import MAX_DECODE_QUERY_LEN
 from vllm_portable_attn.kernels import grouped as grouped_module
 from vllm_portable_attn.kernels.compile_only import CompileCount, jit_kernels
 from vllm_portable_attn.plan import PortableAttentionMetadata, PortableAttentionMetadataBuilder
@@ -555,9 +549,8 @@ class _RecordOps(TorchDispatchMode):
 def test_build_runs_no_tensor_ops(route_env: pytest.MonkeyPatch, device: str) -> None:
     """The unified route's build() passes vLLM's tensors through: no allocation, no copy, no
     .item()/.cpu(). A tensor op of any kind (hence any device->host sync) would be recorded.
-    (The grouped route's build uploads its classification, one copy:
-    test_grouped_build_classifies_on_the_host; test_gpu_build_never_syncs_or_allocates covers
-    both routes on a GPU.)"""
+    (The grouped route's build launches a Triton kernel, which the interpreter runs through
+    torch ops; test_gpu_build_never_syncs_or_allocates covers both routes on a GPU.)"""
     route_env.setenv(envs.ROUTE_ENV, "unified")
     model = Model(device)
     setup = model.setup()
@@ -582,7 +575,7 @@ def test_gpu_build_never_syncs_or_allocates(route: str, device: str) -> None:
     for requests in (MIXED, DECODES, [(4100, 0), (1, 30)]):
         batch = model.batch(requests, num_padded_requests=2, num_padding_tokens=3)
         cm = common_metadata(batch, padded=True)
-        setup.builder.build(0, cm)  # the first call compiles what the build launches, if any
+        setup.builder.build(0, cm)  # first call compiles the classifier
         torch.cuda.synchronize()
         # Python's cycle collector, running inside the build, could free an earlier test's
         # tensors and hide an allocation (an H200 run saw 4.5 KiB freed there), so it waits.
@@ -596,154 +589,6 @@ def test_gpu_build_never_syncs_or_allocates(route: str, device: str) -> None:
             torch.cuda.set_sync_debug_mode("default")
             gc.enable()
         assert torch.cuda.memory_allocated() == allocated
-    # The checked builds classified on the host and uploaded (the device was idle).
-    assert setup.builder.device_classifier_fallbacks == 0
-
-
-# ------------------------------------------------------------ classification in build()
-
-# Steps in vLLM's orders and others: decodes, spec-verify queries, extends and fresh prompts
-# (one short), each also padded with requests of query length 0 (in common_metadata's batch).
-CLASSIFIED_STEPS = [
-    MIXED,
-    DECODES,
-    [(40, 300), (5, 0), (1, 9), (8, 1), (9, 4), (1, 1)],
-    [(17, 0), (3, 0)],
-]
-
-
-def classified_entries(groups: RequestGroups, num_seqs: int) -> list[list[int]]:
-    """The entries of `groups` the grouped kernels read for a batch of `num_seqs` requests."""
-    return [
-        groups.seq_order[:num_seqs].tolist(),
-        groups.order_cu_q[: num_seqs + 1].tolist(),
-        groups.group_bounds.tolist(),
-    ]
-
-
-def kernel_entries(batch: PagedBatch) -> list[list[int]]:
-    """What the device classifier writes for `batch`, in buffers of its own."""
-    num_seqs = batch.seq_lens.shape[0]
-    groups = RequestGroups.allocate(num_seqs, batch.seq_lens.device)
-    classify_requests(batch.query_start_loc, batch.seq_lens, groups, MAX_DECODE_QUERY_LEN)
-    return classified_entries(groups, num_seqs)
-
-
-def host_twin_entries(batch: PagedBatch) -> list[list[int]]:
-    """What the host classifier writes for `batch`."""
-    num_seqs = batch.seq_lens.shape[0]
-    groups = RequestGroups.allocate(num_seqs, "cpu")
-    out = tuple(buffer.numpy() for buffer in groups.as_tuple())
-    q_lens = np.diff(batch.query_start_loc.cpu().numpy())
-    classify_on_host(q_lens, batch.seq_lens.cpu().numpy(), MAX_DECODE_QUERY_LEN, out)
-    return classified_entries(groups, num_seqs)
-
-
-def expected_group_sizes(batch: PagedBatch) -> tuple:
-    """(tokens, requests) of the decode, extend and prefill groups, by the rule written out."""
-    q_lens = batch.query_start_loc.diff().tolist()
-    real = list(zip(q_lens, batch.seq_lens.tolist(), strict=True))
-    groups = (
-        [q for q, s in real if 0 < q <= MAX_DECODE_QUERY_LEN and s > q],
-        [q for q, s in real if q > MAX_DECODE_QUERY_LEN and s > q],
-        [q for q, s in real if q and s == q],
-    )
-    return tuple((sum(g), len(g)) for g in groups)
-
-
-def test_grouped_build_classifies_on_the_host(route_env: pytest.MonkeyPatch, device: str) -> None:
-    """With exact host lengths, build() classifies on the host and uploads the result in one
-    copy: the device classifier never launches, and the builder's buffers hold what it would
-    have written. More steps than staging slots, so the ring comes round."""
-    route_env.setenv(envs.ROUTE_ENV, "grouped")
-    model = Model(device)
-    setup = model.setup()
-    builder = setup.builder
-
-    def launch(*args: object) -> None:
-        raise AssertionError("build() launched the device classifier")
-
-    route_env.setattr(plan_module, "classify_requests", launch)
-    steps = CLASSIFIED_STEPS * 2
-    assert len(steps) > builder.upload_ring.num_slots
-    for seed, requests in enumerate(steps):
-        batch = model.batch(requests, num_padded_requests=seed % 3, seed=seed)
-        builder.request_groups.packed.fill_(-7)
-        with _RecordOps() as recorder:
-            md = builder.build(0, common_metadata(batch, padded=True))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        # The upload and nothing else (.numpy() of the host lengths detaches: a view, no data).
-        assert [op for op in recorder.ops if op != "aten.detach.default"] == ["aten.copy_.default"]
-        assert md.request_groups is builder.request_groups
-        num_seqs = batch.seq_lens.shape[0]
-        assert classified_entries(md.request_groups, num_seqs) == kernel_entries(batch), requests
-        assert md.group_sizes == expected_group_sizes(batch)
-    assert builder.device_classifier_fallbacks == 0
-
-
-def test_grouped_build_without_a_free_staging_slot_launches_the_classifier(
-    route_env: pytest.MonkeyPatch, device: str, spy: Spy
-) -> None:
-    """When every staging slot is still being read, build() does not wait: it launches the
-    device classifier, counts the fallback, and the step is classified all the same."""
-    route_env.setenv(envs.ROUTE_ENV, "grouped")
-    model = Model(device)
-    setup = model.setup()
-    builder = setup.builder
-    route_env.setattr(builder.upload_ring, "acquire", lambda: None)
-    launches = spy(plan_module, "classify_requests")
-    for seed, requests in enumerate(CLASSIFIED_STEPS):
-        batch = model.batch(requests, num_padded_requests=1, seed=seed)
-        builder.request_groups.packed.fill_(-7)
-        md = builder.build(0, common_metadata(batch, padded=True))
-        assert builder.device_classifier_fallbacks == len(launches) == seed + 1
-        num_seqs = batch.seq_lens.shape[0]
-        assert classified_entries(md.request_groups, num_seqs) == host_twin_entries(batch)
-        assert md.group_sizes == expected_group_sizes(batch)
-
-
-@pytest.mark.gpu
-def test_gpu_build_falls_back_while_every_staging_slot_is_pending(
-    route_env: pytest.MonkeyPatch, device: str
-) -> None:
-    """The device sleeps while builds queue their uploads behind it: once every slot's copy is
-    pending, the next build launches the classifier instead of waiting (no sync), and after
-    the queue drains the buffers hold the last step's classification, then the ring is free
-    again."""
-    route_env.setenv(envs.ROUTE_ENV, "grouped")
-    model = Model(device, **LLAMA_8B)
-    setup = model.setup()
-    builder = setup.builder
-    first, last = (
-        model.batch(r, num_padded_requests=2, seed=i) for i, r in enumerate((MIXED, DECODES))
-    )
-    # Made now: common_metadata copies lengths to the host, which would wait for the sleep.
-    first_cm, last_cm = (common_metadata(b, padded=True) for b in (first, last))
-    # Compile the classifier for the builder's buffers before the device is put to sleep.
-    classify_requests(first.query_start_loc, first.seq_lens, builder.request_groups, 8)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(1_000_000_000)  # about half a second on an H100 / H200
-    torch.cuda.set_sync_debug_mode("error")  # a build that waited for a slot would raise
-    try:
-        for _ in range(builder.upload_ring.num_slots):
-            builder.build(0, first_cm)
-        assert builder.device_classifier_fallbacks == 0
-        md = builder.build(0, last_cm)
-        assert builder.device_classifier_fallbacks == 1
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    # The kernel ran after the pending copies of `first`: the last step's classification.
-    assert classified_entries(md.request_groups, last.seq_lens.shape[0]) == host_twin_entries(last)
-    assert md.group_sizes == expected_group_sizes(last)
-
-    builder.request_groups.packed.fill_(-7)
-    md = builder.build(0, first_cm)
-    torch.cuda.synchronize()
-    assert builder.device_classifier_fallbacks == 1  # the idle device freed the slots
-    num_seqs = first.seq_lens.shape[0]
-    assert classified_entries(md.request_groups, num_seqs) == host_twin_entries(first)
 
 
 @pytest.mark.parametrize(
@@ -794,18 +639,16 @@ def test_host_group_sizes_follow_the_classifier_rule() -> None:
 
 
 def test_grouped_build_without_host_lengths_launches_every_group(
-    route_env: pytest.MonkeyPatch, device: str, spy: Spy
+    route_env: pytest.MonkeyPatch, device: str
 ) -> None:
     route_env.setenv(envs.ROUTE_ENV, "grouped")
     model = Model(device)
     setup = model.setup()
     batch = model.batch([(1, 9), (4, 30)], num_padded_requests=2)
     cm = common_metadata(batch, padded=True)
-    launches = spy(plan_module, "classify_requests")
     for upper_bound in (None, cm.seq_lens_cpu_upper_bound[:2]):  # absent, or not padded
         md = setup.builder.build(0, dataclasses.replace(cm, seq_lens_cpu_upper_bound=upper_bound))
         assert md.group_sizes is None
-    assert len(launches) == 2  # the device classifier, as the host cannot classify
 
 
 def test_grouped_build_under_adaptive_verification_launches_every_group(
@@ -974,43 +817,6 @@ def test_precompile_runs_every_step_shape_under_compile_only(
     assert {(m.max_query_len, m.num_segments) for m in seen} >= {
         (q, s) for q in range(1, MAX_DECODE_QUERY_LEN + 1) for s in plan.segment_counts
     }
-
-
-@pytest.mark.parametrize(
-    ("route_name", "tma_prefill_tokens", "compiled"),
-    [
-        ("grouped", None, True),
-        ("grouped", 40, True),
-        ("unified", 40, True),
-        ("unified", None, False),
-    ],
-)
-def test_precompile_compiles_the_classifier_wherever_steps_are_classified(
-    route_name: str,
-    tma_prefill_tokens: int | None,
-    compiled: bool,
-    route_env: pytest.MonkeyPatch,
-    device: str,
-) -> None:
-    """build() classifies on the host, so no warm-up step launches the device classifier; the
-    precompile compiles it for every builder whose steps may need it as the fallback (the
-    grouped route without a TMA prefill too: ROCm's default)."""
-    route_env.setenv(envs.ROUTE_ENV, route_name)
-    model = Model(device)
-    setup = model.setup()
-    plan = dataclasses.replace(
-        setup.builder.precompile_plan(), tma_prefill_tokens=tma_prefill_tokens
-    )
-    route_env.setattr(
-        precompile_module, "compile_only", lambda: contextlib.nullcontext(CompileCount())
-    )
-    classified: list[tuple] = []
-    route_env.setattr(precompile_module, "classify_requests", lambda *a: classified.append(a))
-    md = setup.builder.build(0, common_metadata(model.batch(DECODES), padded=False))
-    precompile_module.precompile_step_shapes(lambda shape_md: None, md, plan)
-    assert len(classified) == int(compiled)
-    if compiled:
-        assert classified[0][2] is plan.request_groups
 
 
 def test_forward_precompiles_once_at_the_first_eager_step(

@@ -7,11 +7,9 @@ grouped route must not care, so every case runs in several orders.
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
@@ -23,12 +21,8 @@ from vllm_portable_attn.kernels import (
     GROUP_EXTEND,
     GROUP_PADDING,
     GROUP_PREFILL,
-    MAX_DECODE_QUERY_LEN,
     RequestGroups,
-    classify_on_host,
     classify_requests,
-    group_sizes,
-    packed_fields,
 )
 from vllm_portable_attn.kernels import grouped as grouped_module
 from vllm_portable_attn.kernels.configs import attention_config, tma_prefill_config
@@ -172,85 +166,6 @@ def test_classifier_groups_and_order() -> None:
     q_lens = [requests[i][0] for i in order]
     cumulative = [sum(q_lens[:i]) for i in range(len(q_lens) + 1)]
     assert groups.order_cu_q[: len(requests) + 1].tolist() == cumulative
-
-
-def random_classifier_batch(rng: random.Random) -> tuple[list[int], list[int]]:
-    """(query lengths, total lengths) of 0..40 requests of every kind, in random order:
-    decodes, spec-verify queries (2..8), extends, fresh prefills (short ones too) and padded
-    requests (query 0, with or without a length)."""
-    kinds = [
-        lambda: (1, rng.randrange(1, 3000)),  # decode
-        lambda: (rng.randint(2, 8), rng.randrange(1, 3000)),  # spec verify
-        lambda: (rng.choice([9, 10, 64, 700]), rng.randrange(1, 3000)),  # extend
-        lambda: (rng.choice([1, 3, 8, 9, 17, 2048]), 0),  # fresh prefill
-        lambda: (0, rng.choice([0, 0, 5])),  # padded request
-    ]
-    requests = [rng.choice(kinds)() for _ in range(rng.randint(0, 40))]
-    rng.shuffle(requests)
-    return [q for q, _ in requests], [q + c for q, c in requests]
-
-
-def test_host_classifier_writes_what_the_kernel_writes() -> None:
-    """classify_on_host against _classify_kernel (through classify_requests) on random batches,
-    on every entry the kernels read: seq_order[:n], order_cu_q[:n + 1], group_bounds. Each side
-    starts from its own poison, so an entry one of them leaves unwritten differs. The host twin
-    writes nothing else, and returns group_sizes' answer."""
-    max_num_seqs = 48
-    device_groups = RequestGroups.allocate(max_num_seqs, DEVICE)
-    host_packed = np.empty(device_groups.packed.shape[0], dtype=np.int32)
-    host_groups = packed_fields(host_packed, max_num_seqs)
-    rng = random.Random(0)
-    for _ in range(400):
-        q_lens, seq_lens = random_classifier_batch(rng)
-        n = len(q_lens)
-        device_groups.packed.fill_(-7)
-        host_packed.fill(-9)
-        query_start_loc = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
-        classify_requests(
-            query_start_loc.to(DEVICE),
-            torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-            device_groups,
-            MAX_DECODE_QUERY_LEN,
-        )
-        q_np = np.diff(query_start_loc.numpy())  # int32, as the builder derives them
-        seq_np = np.array(seq_lens, dtype=np.int32)
-        sizes = classify_on_host(q_np, seq_np, MAX_DECODE_QUERY_LEN, host_groups)
-
-        read = (slice(0, n), slice(0, n + 1), slice(None))  # seq_order, order_cu_q, bounds
-        for name, on_device, on_host, entries in zip(
-            ("seq_order", "order_cu_q", "group_bounds"),
-            device_groups.as_tuple(),
-            host_groups,
-            read,
-            strict=True,
-        ):
-            assert on_host[entries].tolist() == on_device[entries].tolist(), (name, q_lens)
-        written = np.zeros_like(host_packed, dtype=bool)
-        for view, entries in zip(packed_fields(written, max_num_seqs), read, strict=True):
-            view[entries] = True
-        assert (host_packed[~written] == -9).all(), "wrote past the entries the kernels read"
-        assert sizes == group_sizes(q_np, seq_np, MAX_DECODE_QUERY_LEN), q_lens
-
-
-def test_host_classifier_refuses_more_requests_than_it_holds() -> None:
-    out = packed_fields(np.zeros(RequestGroups.allocate(2, "cpu").packed.shape[0], np.int32), 2)
-    lengths = np.ones(3, dtype=np.int32)
-    with pytest.raises(ValueError, match="exceed the classifier's capacity of 2"):
-        classify_on_host(lengths, lengths, MAX_DECODE_QUERY_LEN, out)
-
-
-def test_request_groups_are_aligned_views_of_one_buffer() -> None:
-    """One copy fills all three buffers; each starts 16-byte aligned, so the kernels keep the
-    pointer specialisation separate allocations had."""
-    groups = RequestGroups.allocate(13, DEVICE)
-    base = groups.packed.data_ptr()
-    for view in groups.as_tuple():
-        assert view.untyped_storage().data_ptr() == groups.packed.untyped_storage().data_ptr()
-        assert (view.data_ptr() - base) % 16 == 0
-    assert (groups.seq_order.shape[0], groups.order_cu_q.shape[0]) == (13, 14)
-    assert groups.group_bounds.shape[0] == 5 and groups.max_num_seqs == 13
-    groups.packed.fill_(3)
-    assert all(bool((view == 3).all()) for view in groups.as_tuple())
 
 
 # --------------------------------------------------------------------- GPU, at real sizes

@@ -3,10 +3,9 @@
 The builder runs once per step and KV-cache group; every layer of the group then runs the same
 plan. It obeys the rules of full CUDA graphs (the builder declares ``ALWAYS``):
 
-* no device->host synchronisation: only values vLLM already has on the host are read;
+* no device->host synchronisation: only Python ints vLLM already has on the host are read;
 * no per-step allocation: tensors are the runner's persistent buffers, passed through, plus the
-  split-KV workspace, the request-group buffers and their host staging ring, which this
-  builder allocates once;
+  split-KV workspace this builder allocates once;
 * every Python scalar that shapes a launch (the segment count) depends only on the padded token
   count, the padded request count and ``max_query_len``, so it is fixed per captured graph.
 
@@ -21,21 +20,12 @@ Routes (``PORTABLE_ATTN_ROUTE``, see envs.py):
   with the TMA prefill (sm_90): ``build`` classifies it as the grouped route does, and layers
   where that kernel applies run the step through the grouped launches, so its prefills take the
   TMA prefill (H200, 8k prompt: 1185 us against the unified kernel's 1443; NOTES.md).
-* ``grouped``: ``build`` sorts this step's requests into decode / extend / prefill groups
-  (from each request's own lengths, never from their position: vLLM's V2 runner may put a
-  short fresh prompt before a long extend) into device buffers this builder owns; every layer
-  then runs per-group kernels over that order. The classification runs eagerly in ``build``
-  on every step, also when a full CUDA graph is replayed afterwards, so the order always
-  matches the step's data.
-
-How a step is classified: where the host knows the lengths exactly (vLLM's
-``query_start_loc_cpu`` and ``seq_lens_cpu_upper_bound``), ``build`` classifies on the host
-(``classify_on_host``, a few numpy operations) into a pinned staging buffer and uploads it with
-one asynchronous copy: a Triton launch costs far more host time (54-60 us per build on an H200
-host, against K7's 20 us). Where it does not (vLLM 0.33's adaptive verification trims queries
-on the device; or no host lengths), and on the rare step whose staging buffers are all still
-being read, it launches the device classifier ``classify_requests`` instead; both write the
-same entries.
+* ``grouped``: ``build`` launches the request classifier, which sorts this step's requests into
+  decode / extend / prefill groups on the device (from each request's own lengths, never from
+  its position: vLLM's V2 runner may put a short fresh prompt before a long extend) into
+  buffers this builder owns; every layer then runs per-group kernels over that order. The
+  classifier runs eagerly in ``build`` on every step, also when a full CUDA graph is replayed
+  afterwards, so the order always matches the step's data.
 """
 
 from __future__ import annotations
@@ -58,7 +48,6 @@ from vllm_portable_attn._compat import (
     get_logger,
     num_attention_heads_of_layers,
 )
-from vllm_portable_attn.host_upload import HostUploadRing
 from vllm_portable_attn.kernels import (
     MAX_DECODE_QUERY_LEN,
     MAX_SEGMENTS,
@@ -67,10 +56,8 @@ from vllm_portable_attn.kernels import (
     RequestGroups,
     SplitKVWorkspace,
     choose_num_segments,
-    classify_on_host,
     classify_requests,
     group_sizes,
-    packed_fields,
 )
 from vllm_portable_attn.kernels.configs import (
     TMA_PREFILL_HEAD_SIZES,
@@ -201,12 +188,6 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         self.request_groups: RequestGroups = RequestGroups.allocate(
             vllm_config.scheduler_config.max_num_seqs, device
         )
-        # Host copies of request_groups.packed that a host classification is staged in.
-        # Public so tests can make every slot busy.
-        self.upload_ring: HostUploadRing = HostUploadRing(self.request_groups.packed)
-        # Steps classified on the device because no staging slot was free (should stay rare;
-        # counted so tests and benchmarks can see it).
-        self.device_classifier_fallbacks: int = 0
         # Public so tests can turn it off (or on, for a builder made on the CPU).
         self.precompile: PrecompilePlan | None = None
         if torch.device(device).type == "cuda":
@@ -290,10 +271,9 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
     ) -> PortableAttentionMetadata:
         """Pass the runner's tensors through and choose the split-KV segment count.
 
-        Reads only host-side values and allocates nothing on the device. On the grouped route,
-        and for a unified-route step with enough fresh-prefill tokens for the TMA prefill, it
-        also classifies the requests (`_classify`: an asynchronous copy or a kernel launch, on
-        the current stream).
+        Reads only host-side ints and allocates nothing. On the grouped route, and for a
+        unified-route step with enough fresh-prefill tokens for the TMA prefill, it also
+        launches the request classifier (asynchronously, on the current stream).
         """
         cm = common_attn_metadata
         if common_prefix_len:
@@ -316,16 +296,19 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
                 num_segments = 1
 
         request_groups = group_sizes = None
-        if self.route == "grouped":
-            group_sizes = self._classify(cm)
-            request_groups = self.request_groups
-        elif self._may_take_tma_prefill(cm.num_actual_tokens):
-            # Unified route: classified only if its fresh prefills reach the TMA prefill's
-            # minimum (such a step is large, so computing the groups twice does not matter).
-            sizes = _host_group_sizes(cm) if self.host_lengths_exact else None
-            if sizes is not None and self._may_take_tma_prefill(sizes[2][0]):
-                group_sizes = self._classify(cm)
+        if self.route == "grouped" or self._may_take_tma_prefill(cm.num_actual_tokens):
+            group_sizes = _host_group_sizes(cm) if self.host_lengths_exact else None
+            if self.route == "grouped" or (
+                group_sizes is not None and self._may_take_tma_prefill(group_sizes[2][0])
+            ):
+                # The decode group takes every query up to the decode-tile bound, so spec-decode
+                # verify steps (1 + num_speculative_tokens <= 8) run as decodes.
+                classify_requests(
+                    cm.query_start_loc, cm.seq_lens, self.request_groups, MAX_DECODE_QUERY_LEN
+                )
                 request_groups = self.request_groups
+            else:  # a unified-route step that stays on the unified launch
+                group_sizes = None
 
         return PortableAttentionMetadata(
             route=self.route,
@@ -343,28 +326,6 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             precompile=self.precompile,
         )
 
-    def _classify(self, cm: CommonAttentionMetadata) -> GroupSizes | None:
-        """Fill `self.request_groups` for this step; return each group's (tokens, requests)
-        where the host knows them exactly, else None.
-
-        On the host and uploaded where it can be (see the module docstring), else by the device
-        classifier. The decode group takes every query up to the decode-tile bound, so
-        spec-decode verify steps (1 + num_speculative_tokens <= 8) run as decodes.
-        """
-        lengths = _host_lengths(cm) if self.host_lengths_exact else None
-        if lengths is not None:
-            staging = self.upload_ring.acquire()
-            if staging is not None:
-                out = packed_fields(staging, self.request_groups.max_num_seqs)
-                sizes = classify_on_host(*lengths, MAX_DECODE_QUERY_LEN, out)
-                self.upload_ring.upload(self.request_groups.packed)
-                return sizes
-            self.device_classifier_fallbacks += 1
-        classify_requests(
-            cm.query_start_loc, cm.seq_lens, self.request_groups, MAX_DECODE_QUERY_LEN
-        )
-        return None if lengths is None else group_sizes(*lengths, MAX_DECODE_QUERY_LEN)
-
     def _may_take_tma_prefill(self, num_tokens: int) -> bool:
         """Unified route: whether `num_tokens` reach the TMA prefill's minimum. Tested first on
         the step's tokens (cheap), then on its fresh-prefill tokens."""
@@ -372,30 +333,20 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         return min_tokens is not None and num_tokens >= max(min_tokens, 1)
 
 
-def _host_lengths(cm: CommonAttentionMetadata) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each request's query and total length as host arrays, from values vLLM already has on
-    the host (no sync); None if they are not there (then every group is launched over the
-    whole batch).
+def _host_group_sizes(cm: CommonAttentionMetadata) -> GroupSizes | None:
+    """(tokens, requests) of the decode, extend and prefill groups (`group_sizes`), from lengths
+    vLLM already has on the host (no sync); None if they are not there (then every group is
+    launched over the whole batch).
 
     `seq_lens_cpu_upper_bound` is exact except for asynchronous spec-decode rows, where it is
     optimistic; those rows have context either way, and a request without context (a prefill)
     is always seen as one, so with exact query lengths every request lands in the group the
-    device puts it in: the host's classification is the device's, and the group sizes are
-    exact, which the grids sized from them rely on.
+    device puts it in: the sizes are exact, which the grids sized from them rely on.
     """
     seq_lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
     if seq_lens is None or seq_lens.shape[0] < cm.num_reqs:
         # Unknown (or, on a release that stops padding it, incomplete).
         return None
     num_reqs = cm.num_reqs
-    query_start_loc = cm.query_start_loc_cpu.numpy()
-    # np.subtract on slices: np.diff's wrapper costs more than the subtraction.
-    q_lens = np.subtract(query_start_loc[1 : num_reqs + 1], query_start_loc[:num_reqs])
-    return q_lens, seq_lens.numpy()[:num_reqs]
-
-
-def _host_group_sizes(cm: CommonAttentionMetadata) -> GroupSizes | None:
-    """(tokens, requests) of the decode, extend and prefill groups (`group_sizes`) from the
-    host's lengths (`_host_lengths`); None if they are not there."""
-    lengths = _host_lengths(cm)
-    return None if lengths is None else group_sizes(*lengths, MAX_DECODE_QUERY_LEN)
+    q_lens = np.diff(cm.query_start_loc_cpu.numpy()[: num_reqs + 1])
+    return group_sizes(q_lens, seq_lens.numpy()[:num_reqs], MAX_DECODE_QUERY_LEN)

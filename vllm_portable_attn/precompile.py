@@ -83,10 +83,8 @@ def precompile_step_shapes(
     started = time.perf_counter()
     shapes = step_shapes(plan, md.route)
     with compile_only() as count:
-        # Classified steps (the grouped route, the unified route's TMA steps) are classified in
-        # the builder, outside any layer: on the host where it can, else by this kernel (host
-        # lengths inexact, or no staging slot free), which must not compile while serving.
-        if any(shape.classified for shape in shapes):
+        # The unified route's TMA steps are classified in the builder, outside any layer.
+        if plan.tma_prefill_tokens is not None:
             classify_requests(
                 md.query_start_loc, md.seq_lens, plan.request_groups, MAX_DECODE_QUERY_LEN
             )

@@ -11,10 +11,8 @@ from vllm_portable_attn.kernels.classify import (
     GROUP_PREFILL,
     GroupSizes,
     RequestGroups,
-    classify_on_host,
     classify_requests,
     group_sizes,
-    packed_fields,
 )
 from vllm_portable_attn.kernels.configs import (
     MAX_DECODE_QUERY_LEN,
@@ -43,13 +41,11 @@ __all__ = [
     "attention_config",
     "choose_num_segments",
     "choose_tma_prefill",
-    "classify_on_host",
     "classify_requests",
     "count_score_features",
     "group_sizes",
     "grouped_attention",
     "merge_segments",
-    "packed_fields",
     "unified_attention",
     "write_kv_cache",
 ]

@@ -6,6 +6,8 @@ has no bf16 arithmetic); the `gpu` cases run the same checks at real sizes in bf
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -15,6 +17,9 @@ from paged_batch import PagedBatch, fp8_batch, fp8_written_caches, make_batch, s
 from vllm_portable_attn.kernels import (
     MAX_SPLIT_TOKENS,
     choose_num_segments,
+    configs,
+    grouped,
+    unified,
     unified_attention,
     write_kv_cache,
 )
@@ -151,6 +156,43 @@ def test_choose_num_segments() -> None:
     assert choose_num_segments(64, 64, 1, 8, 132) == 1  # enough programs already
     assert choose_num_segments(MAX_SPLIT_TOKENS + 1, 2, 1, 8, 132) == 1  # past the workspace
     assert choose_num_segments(8, 2, 100, 8, 132) == 1  # prefill-shaped batch
+
+
+@pytest.mark.parametrize(
+    ("max_query_len", "num_segments", "dense", "shape"),
+    [
+        (1, 1, False, "decode"),
+        (1, 8, False, "decode_split"),
+        (4, 1, False, "spec"),
+        (4, 8, False, "spec_split"),
+        (9, 1, False, "prefill"),
+        (9, 1, True, "prefill_dense"),
+    ],
+)
+def test_launch_shape_names_each_table_row(
+    max_query_len: int, num_segments: int, dense: bool, shape: str
+) -> None:
+    assert configs.launch_shape(max_query_len, num_segments, dense) == shape
+
+
+@pytest.mark.parametrize("provider", ["unified", "grouped"])
+def test_split_spec_verify_launches_with_its_own_row(
+    provider: str, monkeypatch: pytest.MonkeyPatch, spy: Callable[[object, str], list[dict]]
+) -> None:
+    """A split spec-verify step reads the spec_split row (on Hopper two stages, where unsplit
+    spec tiles keep three); the outputs stay right with it."""
+    # A row no other shape has (2 warps), so each launch shows which row it read.
+    row = (16, 16, 2, 2)
+    monkeypatch.setitem(configs._TABLE, (configs.config_table_name(), "spec_split"), row)
+    configs.attention_config.cache_clear()
+    module = unified if provider == "unified" else grouped
+    calls = spy(module, "launch_attention")
+    try:
+        run_and_check(cpu_batch([(3, 40), (1, 70), (4, 9)]), provider=provider, num_segments=4)
+    finally:
+        configs.attention_config.cache_clear()  # drop the patched row's configs
+    split = [c["config"] for c in calls if c.get("num_segments", 1) > 1]
+    assert split and all(cfg.num_warps == 2 and cfg.num_stages == 2 for cfg in split)
 
 
 def test_launcher_rejects_bad_input() -> None:

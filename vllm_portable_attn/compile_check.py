@@ -247,6 +247,7 @@ def default_scenarios() -> list[Scenario]:
     s += [replace(mixed, gqa=g) for g in (1, 3, 8)]
     s += [replace(decode, gqa=3)]
     s += [replace(decode, gqa=g, max_query_len=4) for g in (4, 8)]
+    s += [replace(decode, max_query_len=4, num_segments=8)]  # spec-verify split (spec_split)
     s += [replace(mixed, page_size=64)]
     # Split-KV partials and the merge; 32 segments at D 256 is the merge's largest tile.
     s += [replace(decode, num_segments=8), replace(decode, head_size=256, num_segments=32)]

@@ -71,10 +71,13 @@ def config_table_name() -> str:
 #   decode        q_len 1, one program per (request, KV head) over all its keys
 #   decode_split  q_len 1 with split-KV: each program covers a slice of the keys
 #   spec          queries of 2..MAX_DECODE_QUERY_LEN tokens (spec-verify), one block each
+#   spec_split    the same with split-KV
 #   prefill       long queries over paged keys (prefills and extends of the unified route,
 #                 extends of the grouped route)
 #   prefill_dense fresh prefills over the new tokens' contiguous K/V (grouped route)
-SHAPES = ("decode", "decode_split", "spec", "prefill", "prefill_dense")
+SHAPES = ("decode", "decode_split", "spec", "spec_split", "prefill", "prefill_dense")
+# The shapes whose block holds every query of a request (at most MAX_DECODE_QUERY_LEN).
+DECODE_SHAPES = ("decode", "decode_split", "spec", "spec_split")
 
 # (arch, shape) -> (rows per program, keys per tile, warps, stages). "rows" counts query rows
 # after GQA packing (tokens x heads), which is what the tensor-core dot sees. Hopper rows come
@@ -86,6 +89,7 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("interpreter", "decode"): (16, 16, 4, 1),
     ("interpreter", "decode_split"): (16, 16, 4, 1),
     ("interpreter", "spec"): (16, 16, 4, 1),
+    ("interpreter", "spec_split"): (16, 16, 4, 1),
     # Two "stages" (meaningless to the interpreter) so that CPU tests run the paged prefill
     # loop with its page lookahead, as Hopper does; decode rows cover the plain lookup.
     ("interpreter", "prefill"): (32, 32, 4, 2),
@@ -94,16 +98,24 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     # tiles keep many loads in flight; split slices are short, so wider tiles pay there. Two
     # stages rather than three: 1-2% faster on every split shape measured (B1-16, 1k-32k keys,
     # H200, 2026-11-29; both use about 72 KiB of shared memory, so the cause is not occupancy);
-    # 64-key tiles were 10-30% slower.
+    # 64-key tiles were 10-30% slower. The unsplit decode tile likewise: two stages ran 2-6%
+    # faster than three from B=64 up (B64 x 8k 496.6 vs 512.5 us) and the same below (H200,
+    # 2026-11-30, every decode case of bench.py).
     ("hopper", "decode"): (16, 64, 4, 2),
     ("hopper", "decode_split"): (16, 128, 4, 2),
+    # Spec-verify: three stages pay only unsplit (B32 x 8k at q4: 261.7 vs 267.6 us with two);
+    # split, two stages were 25-31% faster on every shape measured (q2-8, B1-8 over 8k-64k keys,
+    # B32 at q2 in 4 segments; e.g. q4 B8 x 32k 283 vs 405 us; H200, 2026-11-30).
     ("hopper", "spec"): (16, 128, 8, 3),
+    ("hopper", "spec_split"): (16, 128, 8, 2),
     ("ampere", "decode"): (16, 64, 4, 2),
     ("ampere", "decode_split"): (16, 64, 4, 2),
     ("ampere", "spec"): (16, 64, 2, 1),
+    ("ampere", "spec_split"): (16, 64, 2, 1),
     ("cdna", "decode"): (16, 64, 4, 1),
     ("cdna", "decode_split"): (16, 64, 4, 1),
     ("cdna", "spec"): (16, 64, 4, 1),
+    ("cdna", "spec_split"): (16, 64, 4, 1),
     # Prefill is compute-bound: 128 query rows share each K/V tile. Three stages pay once the
     # paged loop looks its pages up a tile ahead (page_lookahead; 2026-11-22 sweep). 128x128x3
     # was 4-6% faster still on long prefills but spills a register (compile_check), so not it.
@@ -170,9 +182,10 @@ def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False)
     """The table row for a launch: from host-side counts that are fixed per CUDA graph."""
     if max_query_len > MAX_DECODE_QUERY_LEN:
         return "prefill_dense" if dense else "prefill"
+    split = num_segments > 1
     if max_query_len > 1:
-        return "spec"
-    return "decode_split" if num_segments > 1 else "decode"
+        return "spec_split" if split else "spec"
+    return "decode_split" if split else "decode"
 
 
 # Shared memory (LDS on AMD) one program may use, per architecture: H100/H200 227 KiB, A100
@@ -208,7 +221,7 @@ def attention_config(
     """
     arch = _arch()
     rows, tile_n, num_warps, num_stages = _TABLE[(arch, shape)]
-    if shape in ("decode", "decode_split", "spec"):
+    if shape in DECODE_SHAPES:
         block_q = triton.next_power_of_2(min(max(max_query_len, 1), MAX_DECODE_QUERY_LEN))
         block_m = max(rows, block_q * queries_per_kv_padded)
     else:
@@ -264,7 +277,8 @@ def loads_keys_as_rows(shape: str, arch: str) -> bool:
     keys]; so do Ampere (the transpose happens in registers there: the 128-row tile spills) and
     CDNA (not measured). The interpreter follows Hopper, so CPU tests run both layouts.
     """
-    return arch in ("hopper", "interpreter") and shape in ("spec", "prefill", "prefill_dense")
+    keys_as_rows_shapes = ("spec", "spec_split", "prefill", "prefill_dense")
+    return arch in ("hopper", "interpreter") and shape in keys_as_rows_shapes
 
 
 def count_score_features(*features: object) -> int:

@@ -175,6 +175,23 @@ def test_launch_shape_names_each_table_row(
     assert configs.launch_shape(max_query_len, num_segments, dense) == shape
 
 
+@pytest.mark.parametrize(("max_query_len", "warps"), [(2, 8), (4, 8), (8, 4)])
+def test_tall_unsplit_spec_tiles_take_fewer_warps_on_hopper(
+    max_query_len: int, warps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hopper's spec row has 8 warps for 16 rows; a q8 tile at 4 query heads per KV head (32
+    rows) takes 4 (H200: 288 vs 457 us), split tiles keep their own row."""
+    monkeypatch.setattr(configs, "_arch", lambda: "hopper")
+    configs.attention_config.cache_clear()
+    try:
+        unsplit = configs.attention_config(128, 4, max_query_len, "spec")
+        split = configs.attention_config(128, 4, max_query_len, "spec_split")
+    finally:
+        configs.attention_config.cache_clear()
+    assert (unsplit.block_m, unsplit.num_warps) == (max(16, 4 * max_query_len), warps)
+    assert (split.num_warps, split.num_stages) == (4, 2)
+
+
 @pytest.mark.parametrize("provider", ["unified", "grouped"])
 def test_split_spec_verify_launches_with_its_own_row(
     provider: str, monkeypatch: pytest.MonkeyPatch, spy: Callable[[object, str], list[dict]]

@@ -105,9 +105,11 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("hopper", "decode_split"): (16, 128, 4, 2),
     # Spec-verify: three stages pay only unsplit (B32 x 8k at q4: 261.7 vs 267.6 us with two);
     # split, two stages were 25-31% faster on every shape measured (q2-8, B1-8 over 8k-64k keys,
-    # B32 at q2 in 4 segments; e.g. q4 B8 x 32k 283 vs 405 us; H200, 2026-11-30).
+    # B32 at q2 in 4 segments; e.g. q4 B8 x 32k 283 vs 405 us), and four warps 4-7% faster than
+    # eight at B8 x 32k (q8 300.6 vs 321.6 us). H200, 2026-11-30. Taller unsplit tiles take
+    # fewer warps too (_TALL_SPEC_WARPS).
     ("hopper", "spec"): (16, 128, 8, 3),
-    ("hopper", "spec_split"): (16, 128, 8, 2),
+    ("hopper", "spec_split"): (16, 128, 4, 2),
     ("ampere", "decode"): (16, 64, 4, 2),
     ("ampere", "decode_split"): (16, 64, 4, 2),
     ("ampere", "spec"): (16, 64, 2, 1),
@@ -188,6 +190,12 @@ def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False)
     return "decode_split" if split else "decode"
 
 
+# Warps of a spec-verify tile taller than its table row (more query tokens x heads than the
+# row's 16, e.g. q8 at 4 query heads per KV head: 32 rows). Hopper, unsplit, B32 x 8k: q8 took
+# 288 us on four warps against 457 on the row's eight, while q4 (16 rows) kept eight (254 vs
+# 291). Only 32-row tiles were measured; taller ones (GQA 8) follow the same rule unmeasured.
+_TALL_SPEC_WARPS = {"hopper": 4}
+
 # Shared memory (LDS on AMD) one program may use, per architecture: H100/H200 227 KiB, A100
 # 163 KiB, MI300 64 KiB. The interpreter has no limit; the Hopper figure keeps its tiles honest.
 _SHARED_MEMORY_BYTES = {
@@ -224,6 +232,8 @@ def attention_config(
     if shape in DECODE_SHAPES:
         block_q = triton.next_power_of_2(min(max(max_query_len, 1), MAX_DECODE_QUERY_LEN))
         block_m = max(rows, block_q * queries_per_kv_padded)
+        if shape == "spec" and block_m > rows:
+            num_warps = _TALL_SPEC_WARPS.get(arch, num_warps)
     else:
         block_m = max(rows, queries_per_kv_padded)
         # Large heads double the register footprint of Q and the accumulator.

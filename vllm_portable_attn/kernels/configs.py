@@ -194,6 +194,7 @@ def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False)
 # row's 16, e.g. q8 at 4 query heads per KV head: 32 rows). Hopper, unsplit, B32 x 8k: q8 took
 # 288 us on four warps against 457 on the row's eight, while q4 (16 rows) kept eight (254 vs
 # 291). Only 32-row tiles were measured; taller ones (GQA 8) follow the same rule unmeasured.
+# It also applies over a `bench.py --table spec=...` row.
 _TALL_SPEC_WARPS = {"hopper": 4}
 
 # Shared memory (LDS on AMD) one program may use, per architecture: H100/H200 227 KiB, A100

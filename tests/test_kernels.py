@@ -15,6 +15,7 @@ from kernel_check import run_and_check
 from paged_batch import PagedBatch, fp8_batch, fp8_written_caches, make_batch, scatter_new_tokens
 
 from vllm_portable_attn.kernels import (
+    GROUP_DECODE,
     MAX_SPLIT_TOKENS,
     choose_num_segments,
     configs,
@@ -190,6 +191,40 @@ def test_tall_unsplit_spec_tiles_take_fewer_warps_on_hopper(
         configs.attention_config.cache_clear()
     assert (unsplit.block_m, unsplit.num_warps) == (max(16, 4 * max_query_len), warps)
     assert (split.num_warps, split.num_stages) == (4, 2)
+
+
+def test_fp8_kv_keeps_the_spill_free_hopper_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8 K/V dequantises each tile in registers: on sm_90 the two-stage decode tile and a
+    four-warp 32-row spec tile spill with it (compile_check), so fp8 keeps three stages and
+    eight warps; 16-bit caches get the faster rows."""
+    monkeypatch.setattr(configs, "_arch", lambda: "hopper")
+    configs.attention_config.cache_clear()
+    try:
+        decode = [configs.attention_config(128, 4, 1, "decode", kv_fp8=f) for f in (False, True)]
+        spec = [configs.attention_config(128, 4, 8, "spec", kv_fp8=f) for f in (False, True)]
+    finally:
+        configs.attention_config.cache_clear()
+    assert [c.num_stages for c in decode] == [2, 3]
+    assert [c.num_warps for c in spec] == [4, 8]
+
+
+@pytest.mark.parametrize("provider", ["unified", "grouped"])
+def test_fp8_decode_launches_read_the_fp8_row(
+    provider: str, monkeypatch: pytest.MonkeyPatch, spy: Callable[[object, str], list[dict]]
+) -> None:
+    """Both launchers tell the table that the cache is fp8 (a distinct fp8 row shows it)."""
+    arch = configs.config_table_name()
+    monkeypatch.setitem(configs._FP8_KV_ROWS, (arch, "decode"), (16, 16, 2, 1))
+    configs.attention_config.cache_clear()
+    calls = spy(unified if provider == "unified" else grouped, "launch_attention")
+    try:
+        batch = cpu_batch([(1, 40), (1, 70), (1, 9)])
+        run_and_check(batch, provider=provider, fp8=FP8_TYPES["fp8_e4m3"])
+    finally:
+        configs.attention_config.cache_clear()
+    # The unified launch, or the grouped decode group's (a capture's grids launch every group).
+    decode = [c["config"] for c in calls if c.get("group", GROUP_DECODE) == GROUP_DECODE]
+    assert decode and all(cfg.num_warps == 2 for cfg in decode)
 
 
 @pytest.mark.parametrize("provider", ["unified", "grouped"])

@@ -194,8 +194,14 @@ def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False)
 # row's 16, e.g. q8 at 4 query heads per KV head: 32 rows). Hopper, unsplit, B32 x 8k: q8 took
 # 288 us on four warps against 457 on the row's eight, while q4 (16 rows) kept eight (254 vs
 # 291). Only 32-row tiles were measured; taller ones (GQA 8) follow the same rule unmeasured.
-# It also applies over a `bench.py --table spec=...` row.
+# It also applies over a `bench.py --table spec=...` row. Not to fp8 K/V (see _FP8_KV_ROWS).
 _TALL_SPEC_WARPS = {"hopper": 4}
+
+# Rows for fp8 K/V caches where the 16-bit row spills: each K/V tile is dequantised in
+# registers, and the two-stage decode tile then spills 16 bytes on sm_90, as does a 32-row spec
+# tile on four warps (compile_check, Triton 3.6). Those launches keep the previous spill-free
+# rows (three stages; the spec row's eight warps), not measured for speed with fp8.
+_FP8_KV_ROWS = {("hopper", "decode"): (16, 64, 4, 3)}
 
 # Shared memory (LDS on AMD) one program may use, per architecture: H100/H200 227 KiB, A100
 # 163 KiB, MI300 64 KiB. The interpreter has no limit; the Hopper figure keeps its tiles honest.
@@ -218,6 +224,7 @@ def attention_config(
     shape: str,
     elem_bytes: int = 2,
     score_features: int = 0,
+    kv_fp8: bool = False,
 ) -> AttentionConfig:
     """The tile configuration of one launch of the attention kernel.
 
@@ -226,14 +233,15 @@ def attention_config(
     shrunk, if need be, until the pipelined K/V tiles and the Q block fit shared memory for this
     head size and element size (fp32 doubles every tile). `score_features` counts the score
     modifiers in use (softcap, ALiBi, window, sinks); two or more add live registers per score,
-    so prefill tiles get fewer keys.
+    so prefill tiles get fewer keys. `kv_fp8`: the K/V cache is fp8 (dequantised per tile).
     """
     arch = _arch()
-    rows, tile_n, num_warps, num_stages = _TABLE[(arch, shape)]
+    row = _FP8_KV_ROWS.get((arch, shape)) if kv_fp8 else None
+    rows, tile_n, num_warps, num_stages = row or _TABLE[(arch, shape)]
     if shape in DECODE_SHAPES:
         block_q = triton.next_power_of_2(min(max(max_query_len, 1), MAX_DECODE_QUERY_LEN))
         block_m = max(rows, block_q * queries_per_kv_padded)
-        if shape == "spec" and block_m > rows:
+        if shape == "spec" and block_m > rows and not kv_fp8:
             num_warps = _TALL_SPEC_WARPS.get(arch, num_warps)
     else:
         block_m = max(rows, queries_per_kv_padded)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_portable_attn.kernels._attention_kernel import launch_attention
+from vllm_portable_attn.kernels._attention_kernel import FP8_DTYPES, launch_attention
 from vllm_portable_attn.kernels.classify import (
     GROUP_DECODE,
     GROUP_EXTEND,
@@ -104,12 +104,12 @@ def grouped_attention(
     elem = query.element_size()
     mods = count_score_features(sliding_window, softcap or None, alibi_slopes, sinks)
     decode_shape = launch_shape(decode_len, num_segments)
-    decode_cfg = attention_config(pad_d, pad_q, decode_len, decode_shape, elem, mods)
-    extend_cfg = attention_config(pad_d, pad_q, max_query_len, "prefill", elem, mods)
+    kv_fp8 = key_cache.dtype in FP8_DTYPES
+    decode_cfg = attention_config(pad_d, pad_q, decode_len, decode_shape, elem, mods, kv_fp8)
+    extend_cfg = attention_config(pad_d, pad_q, max_query_len, "prefill", elem, mods, kv_fp8)
     dense_prefill = key is not None and value is not None and key_cache.dtype == query.dtype
-    prefill_cfg = attention_config(
-        pad_d, pad_q, max_query_len, "prefill_dense" if dense_prefill else "prefill", elem, mods
-    )
+    prefill_shape = "prefill_dense" if dense_prefill else "prefill"
+    prefill_cfg = attention_config(pad_d, pad_q, max_query_len, prefill_shape, elem, mods, kv_fp8)
     tma_cfg = None
     if allow_tma_prefill:
         tma_cfg = choose_tma_prefill(

@@ -77,6 +77,7 @@ def unified_attention(
         launch_shape(max_query_len, num_segments),
         query.element_size(),
         count_score_features(sliding_window, softcap or None, alibi_slopes, sinks),
+        kv_fp8=key_cache.dtype in FP8_DTYPES,
     )
     launch_attention(
         query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table,

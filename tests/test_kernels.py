@@ -6,7 +6,7 @@ has no bf16 arithmetic); the `gpu` cases run the same checks at real sizes in bf
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -176,52 +176,48 @@ def test_launch_shape_names_each_table_row(
     assert configs.launch_shape(max_query_len, num_segments, dense) == shape
 
 
+@pytest.fixture
+def table(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """`monkeypatch` for tests that patch the launch table: attention_config's cache is emptied
+    before and after, so no config built from a patched row reaches another test."""
+    configs.attention_config.cache_clear()
+    yield monkeypatch
+    configs.attention_config.cache_clear()
+
+
 @pytest.mark.parametrize(("max_query_len", "warps"), [(2, 8), (4, 8), (8, 4)])
 def test_tall_unsplit_spec_tiles_take_fewer_warps_on_hopper(
-    max_query_len: int, warps: int, monkeypatch: pytest.MonkeyPatch
+    max_query_len: int, warps: int, table: pytest.MonkeyPatch
 ) -> None:
     """Hopper's spec row has 8 warps for 16 rows; a q8 tile at 4 query heads per KV head (32
     rows) takes 4 (H200: 288 vs 457 us), split tiles keep their own row."""
-    monkeypatch.setattr(configs, "_arch", lambda: "hopper")
-    configs.attention_config.cache_clear()
-    try:
-        unsplit = configs.attention_config(128, 4, max_query_len, "spec")
-        split = configs.attention_config(128, 4, max_query_len, "spec_split")
-    finally:
-        configs.attention_config.cache_clear()
+    table.setattr(configs, "_arch", lambda: "hopper")
+    unsplit = configs.attention_config(128, 4, max_query_len, "spec")
+    split = configs.attention_config(128, 4, max_query_len, "spec_split")
     assert (unsplit.block_m, unsplit.num_warps) == (max(16, 4 * max_query_len), warps)
     assert (split.num_warps, split.num_stages) == (4, 2)
 
 
-def test_fp8_kv_keeps_the_spill_free_hopper_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp8_kv_keeps_the_spill_free_hopper_rows(table: pytest.MonkeyPatch) -> None:
     """fp8 K/V dequantises each tile in registers: on sm_90 the two-stage decode tile and a
     four-warp 32-row spec tile spill with it (compile_check), so fp8 keeps three stages and
     eight warps; 16-bit caches get the faster rows."""
-    monkeypatch.setattr(configs, "_arch", lambda: "hopper")
-    configs.attention_config.cache_clear()
-    try:
-        decode = [configs.attention_config(128, 4, 1, "decode", kv_fp8=f) for f in (False, True)]
-        spec = [configs.attention_config(128, 4, 8, "spec", kv_fp8=f) for f in (False, True)]
-    finally:
-        configs.attention_config.cache_clear()
+    table.setattr(configs, "_arch", lambda: "hopper")
+    decode = [configs.attention_config(128, 4, 1, "decode", kv_fp8=f) for f in (False, True)]
+    spec = [configs.attention_config(128, 4, 8, "spec", kv_fp8=f) for f in (False, True)]
     assert [c.num_stages for c in decode] == [2, 3]
     assert [c.num_warps for c in spec] == [4, 8]
 
 
 @pytest.mark.parametrize("provider", ["unified", "grouped"])
 def test_fp8_decode_launches_read_the_fp8_row(
-    provider: str, monkeypatch: pytest.MonkeyPatch, spy: Callable[[object, str], list[dict]]
+    provider: str, table: pytest.MonkeyPatch, spy: Callable[[object, str], list[dict]]
 ) -> None:
     """Both launchers tell the table that the cache is fp8 (a distinct fp8 row shows it)."""
-    arch = configs.config_table_name()
-    monkeypatch.setitem(configs._FP8_KV_ROWS, (arch, "decode"), (16, 16, 2, 1))
-    configs.attention_config.cache_clear()
+    table.setitem(configs._FP8_KV_ROWS, (configs.config_table_name(), "decode"), (16, 16, 2, 1))
     calls = spy(unified if provider == "unified" else grouped, "launch_attention")
-    try:
-        batch = cpu_batch([(1, 40), (1, 70), (1, 9)])
-        run_and_check(batch, provider=provider, fp8=FP8_TYPES["fp8_e4m3"])
-    finally:
-        configs.attention_config.cache_clear()
+    batch = cpu_batch([(1, 40), (1, 70), (1, 9)])
+    run_and_check(batch, provider=provider, fp8=FP8_TYPES["fp8_e4m3"])
     # The unified launch, or the grouped decode group's (a capture's grids launch every group).
     decode = [c["config"] for c in calls if c.get("group", GROUP_DECODE) == GROUP_DECODE]
     assert decode and all(cfg.num_warps == 2 for cfg in decode)
@@ -229,20 +225,14 @@ def test_fp8_decode_launches_read_the_fp8_row(
 
 @pytest.mark.parametrize("provider", ["unified", "grouped"])
 def test_split_spec_verify_launches_with_its_own_row(
-    provider: str, monkeypatch: pytest.MonkeyPatch, spy: Callable[[object, str], list[dict]]
+    provider: str, table: pytest.MonkeyPatch, spy: Callable[[object, str], list[dict]]
 ) -> None:
     """A split spec-verify step reads the spec_split row (on Hopper two stages, where unsplit
     spec tiles keep three); the outputs stay right with it."""
     # A row no other shape has (2 warps), so each launch shows which row it read.
-    row = (16, 16, 2, 2)
-    monkeypatch.setitem(configs._TABLE, (configs.config_table_name(), "spec_split"), row)
-    configs.attention_config.cache_clear()
-    module = unified if provider == "unified" else grouped
-    calls = spy(module, "launch_attention")
-    try:
-        run_and_check(cpu_batch([(3, 40), (1, 70), (4, 9)]), provider=provider, num_segments=4)
-    finally:
-        configs.attention_config.cache_clear()  # drop the patched row's configs
+    table.setitem(configs._TABLE, (configs.config_table_name(), "spec_split"), (16, 16, 2, 2))
+    calls = spy(unified if provider == "unified" else grouped, "launch_attention")
+    run_and_check(cpu_batch([(3, 40), (1, 70), (4, 9)]), provider=provider, num_segments=4)
     split = [c["config"] for c in calls if c.get("num_segments", 1) > 1]
     assert split and all(cfg.num_warps == 2 and cfg.num_stages == 2 for cfg in split)
 

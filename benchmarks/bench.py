@@ -1387,9 +1387,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--table",
         default="",
         help="comma list of SHAPE=BMxTNxWxS replacing rows of our config table for this run "
-        "(shapes: decode, decode_split, spec, spec_split, prefill, prefill_dense, and "
-        "prefill_tma: the TMA prefill's tile, its minimum unchanged); prefill_tma_min=N sets "
-        "that minimum (query blocks x heads)",
+        "(shapes: decode, decode_split, spec, spec_split, spec_tall, prefill, prefill_dense, "
+        "and prefill_tma: the TMA prefill's tile, its minimum unchanged); prefill_tma_min=N "
+        "sets that minimum (query blocks x heads)",
     )
     kp.add_argument(
         "--segments",

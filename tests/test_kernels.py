@@ -190,7 +190,8 @@ def test_tall_unsplit_spec_tiles_take_fewer_warps_on_hopper(
     max_query_len: int, warps: int, table: pytest.MonkeyPatch
 ) -> None:
     """Hopper's spec row has 8 warps for 16 rows; a q8 tile at 4 query heads per KV head (32
-    rows) takes 4 (H200: 288 vs 457 us), split tiles keep their own row."""
+    rows) reads the spec_tall row, 4 warps (H200: 288 vs 457 us); split tiles keep their own
+    row."""
     table.setattr(configs, "_arch", lambda: "hopper")
     unsplit = configs.attention_config(128, 4, max_query_len, "spec")
     split = configs.attention_config(128, 4, max_query_len, "spec_split")
@@ -221,6 +222,19 @@ def test_fp8_decode_launches_read_the_fp8_row(
     # The unified launch, or the grouped decode group's (a capture's grids launch every group).
     decode = [c["config"] for c in calls if c.get("group", GROUP_DECODE) == GROUP_DECODE]
     assert decode and all(cfg.num_warps == 2 for cfg in decode)
+
+
+@pytest.mark.parametrize("provider", ["unified", "grouped"])
+def test_tall_spec_verify_launches_with_the_spec_tall_row(
+    provider: str, table: pytest.MonkeyPatch, spy: Callable[[object, str], list[dict]]
+) -> None:
+    """An unsplit step whose verify queries (8 tokens x 4 heads per KV head) outgrow the spec
+    row's 16 rows launches with the spec_tall row, so a sweep can tune it on its own."""
+    table.setitem(configs._TABLE, (configs.config_table_name(), "spec_tall"), (16, 16, 2, 1))
+    calls = spy(unified if provider == "unified" else grouped, "launch_attention")
+    run_and_check(cpu_batch([(8, 40), (1, 70), (5, 9)]), provider=provider)
+    decode = [c["config"] for c in calls if c.get("group", GROUP_DECODE) == GROUP_DECODE]
+    assert decode and all(cfg.num_warps == 2 and cfg.block_m == 32 for cfg in decode)
 
 
 @pytest.mark.parametrize("provider", ["unified", "grouped"])

@@ -72,12 +72,15 @@ def config_table_name() -> str:
 #   decode_split  q_len 1 with split-KV: each program covers a slice of the keys
 #   spec          queries of 2..MAX_DECODE_QUERY_LEN tokens (spec-verify), one block each
 #   spec_split    the same with split-KV
+#   spec_tall     unsplit spec-verify blocks with more rows (query tokens x query heads per KV
+#                 head) than the spec row's, e.g. q8 at 4 heads per KV head: 32 rows;
+#                 `attention_config` picks it from the geometry
 #   prefill       long queries over paged keys (prefills and extends of the unified route,
 #                 extends of the grouped route)
 #   prefill_dense fresh prefills over the new tokens' contiguous K/V (grouped route)
-SHAPES = ("decode", "decode_split", "spec", "spec_split", "prefill", "prefill_dense")
+SHAPES = ("decode", "decode_split", "spec", "spec_split", "spec_tall", "prefill", "prefill_dense")
 # The shapes whose block holds every query of a request (at most MAX_DECODE_QUERY_LEN).
-DECODE_SHAPES = ("decode", "decode_split", "spec", "spec_split")
+DECODE_SHAPES = ("decode", "decode_split", "spec", "spec_split", "spec_tall")
 
 # (arch, shape) -> (rows per program, keys per tile, warps, stages). "rows" counts query rows
 # after GQA packing (tokens x heads), which is what the tensor-core dot sees. Hopper rows come
@@ -90,6 +93,7 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("interpreter", "decode_split"): (16, 16, 4, 1),
     ("interpreter", "spec"): (16, 16, 4, 1),
     ("interpreter", "spec_split"): (16, 16, 4, 1),
+    ("interpreter", "spec_tall"): (16, 16, 4, 1),
     # Two "stages" (meaningless to the interpreter) so that CPU tests run the paged prefill
     # loop with its page lookahead, as Hopper does; decode rows cover the plain lookup.
     ("interpreter", "prefill"): (32, 32, 4, 2),
@@ -106,18 +110,22 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     # Spec-verify: three stages pay only unsplit (B32 x 8k at q4: 261.7 vs 267.6 us with two);
     # split, two stages were 25-31% faster on every shape measured (q2-8, B1-8 over 8k-64k keys,
     # B32 at q2 in 4 segments; e.g. q4 B8 x 32k 283 vs 405 us), and four warps 4-7% faster than
-    # eight at B8 x 32k (q8 300.6 vs 321.6 us). H200, 2026-11-30. Taller unsplit tiles take
-    # fewer warps too (_TALL_SPEC_WARPS).
+    # eight at B8 x 32k (q8 300.6 vs 321.6 us). Unsplit, the 16-row tile keeps eight warps (q4
+    # B32 x 8k 254 vs 291 us on four), a 32-row one runs best on four (q8: 288 vs 457 us; FA3
+    # 250). H200, 2026-11-30. Only 32-row tall tiles were measured (GQA 8 makes taller ones).
     ("hopper", "spec"): (16, 128, 8, 3),
     ("hopper", "spec_split"): (16, 128, 4, 2),
+    ("hopper", "spec_tall"): (16, 128, 4, 3),
     ("ampere", "decode"): (16, 64, 4, 2),
     ("ampere", "decode_split"): (16, 64, 4, 2),
     ("ampere", "spec"): (16, 64, 2, 1),
     ("ampere", "spec_split"): (16, 64, 2, 1),
+    ("ampere", "spec_tall"): (16, 64, 2, 1),
     ("cdna", "decode"): (16, 64, 4, 1),
     ("cdna", "decode_split"): (16, 64, 4, 1),
     ("cdna", "spec"): (16, 64, 4, 1),
     ("cdna", "spec_split"): (16, 64, 4, 1),
+    ("cdna", "spec_tall"): (16, 64, 4, 1),
     # Prefill is compute-bound: 128 query rows share each K/V tile. Three stages pay once the
     # paged loop looks its pages up a tile ahead (page_lookahead; 2026-11-22 sweep). 128x128x3
     # was 4-6% faster still on long prefills but spills a register (compile_check), so not it.
@@ -190,18 +198,11 @@ def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False)
     return "decode_split" if split else "decode"
 
 
-# Warps of a spec-verify tile taller than its table row (more query tokens x heads than the
-# row's 16, e.g. q8 at 4 query heads per KV head: 32 rows). Hopper, unsplit, B32 x 8k: q8 took
-# 288 us on four warps against 457 on the row's eight, while q4 (16 rows) kept eight (254 vs
-# 291). Only 32-row tiles were measured; taller ones (GQA 8) follow the same rule unmeasured.
-# It also applies over a `bench.py --table spec=...` row. Not to fp8 K/V (see _FP8_KV_ROWS).
-_TALL_SPEC_WARPS = {"hopper": 4}
-
 # Rows for fp8 K/V caches where the 16-bit row spills: each K/V tile is dequantised in
-# registers, and the two-stage decode tile then spills 16 bytes on sm_90, as does a 32-row spec
-# tile on four warps (compile_check, Triton 3.6). Those launches keep the previous spill-free
-# rows (three stages; the spec row's eight warps), not measured for speed with fp8.
-_FP8_KV_ROWS = {("hopper", "decode"): (16, 64, 4, 3)}
+# registers, and the two-stage decode tile then spills 16 bytes on sm_90, as does the four-warp
+# tall spec tile (compile_check, Triton 3.6). Those launches keep the previous spill-free rows
+# (three stages; the spec row's eight warps), not measured for speed with fp8.
+_FP8_KV_ROWS = {("hopper", "decode"): (16, 64, 4, 3), ("hopper", "spec_tall"): (16, 128, 8, 3)}
 
 # Shared memory (LDS on AMD) one program may use, per architecture: H100/H200 227 KiB, A100
 # 163 KiB, MI300 64 KiB. The interpreter has no limit; the Hopper figure keeps its tiles honest.
@@ -236,13 +237,17 @@ def attention_config(
     so prefill tiles get fewer keys. `kv_fp8`: the K/V cache is fp8 (dequantised per tile).
     """
     arch = _arch()
+    # A decode-shaped block holds every query of a request: its rows are those tokens x heads.
+    request_rows = (
+        triton.next_power_of_2(min(max(max_query_len, 1), MAX_DECODE_QUERY_LEN))
+        * queries_per_kv_padded
+    )
+    if shape == "spec" and request_rows > _TABLE[(arch, "spec")][0]:
+        shape = "spec_tall"
     row = _FP8_KV_ROWS.get((arch, shape)) if kv_fp8 else None
     rows, tile_n, num_warps, num_stages = row or _TABLE[(arch, shape)]
     if shape in DECODE_SHAPES:
-        block_q = triton.next_power_of_2(min(max(max_query_len, 1), MAX_DECODE_QUERY_LEN))
-        block_m = max(rows, block_q * queries_per_kv_padded)
-        if shape == "spec" and block_m > rows and not kv_fp8:
-            num_warps = _TALL_SPEC_WARPS.get(arch, num_warps)
+        block_m = max(rows, request_rows)
     else:
         block_m = max(rows, queries_per_kv_padded)
         # Large heads double the register footprint of Q and the accumulator.
@@ -296,7 +301,7 @@ def loads_keys_as_rows(shape: str, arch: str) -> bool:
     keys]; so do Ampere (the transpose happens in registers there: the 128-row tile spills) and
     CDNA (not measured). The interpreter follows Hopper, so CPU tests run both layouts.
     """
-    keys_as_rows_shapes = ("spec", "spec_split", "prefill", "prefill_dense")
+    keys_as_rows_shapes = ("spec", "spec_split", "spec_tall", "prefill", "prefill_dense")
     return arch in ("hopper", "interpreter") and shape in keys_as_rows_shapes
 
 

@@ -11,6 +11,8 @@
 #   prefill_dense  the grouped route's dense prefill tiles (goal K4)
 #   prefill_paged  the paged prefill/extend tiles (goals K4, K5)
 #   page_order     shuffled vs consecutive block ids: what the page scatter costs
+#   spec           spec-verify tiles: the tall unsplit tile (q8 at GQA 4) and the split one
+#                  (goal K3; q8 was the shape under 0.90x FA3 in session I)
 #   ncu            Nsight Compute sections for the paged and the dense prefill (one launch each)
 # Correctness is not re-checked here (no reference, no FA3): the tests cover every config.
 
@@ -24,6 +26,8 @@ BENCH=(python3 benchmarks/bench.py kernels --no-reference --no-ceilings --rep 60
 K2_CASES=decode_b1_ctx32k,decode_b4_ctx32k,decode_b8_ctx16k,decode_b2_ctx64k,decode_b4_ctx128k,decode_b8_ctx64k
 PREFILL_CASES=prefill_b1_8k,prefill_b4_4k,prefill_b16_1k,mixed_2p2k_32d1k
 PAGED_CASES=prefill_b1_8k,extend_b4_q512_ctx8k,mixed_2p2k_32d1k
+TALL_SPEC_CASES=spec_q8_b32_ctx8k,spec_q8_b32_ctx32k
+SPLIT_SPEC_CASES=spec_q8_b8_ctx32k,spec_q4_b8_ctx32k,spec_q2_b8_ctx32k,spec_q8_b1_ctx32k
 
 sweep_decode_split() {
   local tile segs
@@ -58,6 +62,16 @@ sweep_page_order() {
   for order in shuffled contiguous; do
     "${BENCH[@]}" --providers portable,portable_grouped --cases "$PAGED_CASES" \
       --page-order "$order"
+  done
+}
+
+sweep_spec() {
+  local tile
+  for tile in 16x128x4x3 16x128x4x2 16x64x4x3 16x64x4x4 16x128x2x3 16x64x2x3; do
+    "${BENCH[@]}" --providers portable --cases "$TALL_SPEC_CASES" --table "spec_tall=$tile"
+  done
+  for tile in 16x128x4x2 16x64x4x2 16x64x4x3 16x128x2x2 16x64x2x2; do
+    "${BENCH[@]}" --providers portable --cases "$SPLIT_SPEC_CASES" --table "spec_split=$tile"
   done
 }
 

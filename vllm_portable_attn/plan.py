@@ -57,6 +57,7 @@ from vllm_portable_attn.kernels import (
     SplitKVWorkspace,
     choose_num_segments,
     classify_requests,
+    device_num_sms,
     group_sizes,
 )
 from vllm_portable_attn.kernels.configs import (
@@ -67,10 +68,6 @@ from vllm_portable_attn.kernels.configs import (
 from vllm_portable_attn.precompile import PrecompilePlan
 
 logger = get_logger(__name__)
-
-#: Stand-in SM count on a host without a GPU (Triton's interpreter runs one program at a time,
-#: so there is nothing to fill). Tests set `builder.num_sms` to exercise split-KV on the CPU.
-CPU_NUM_SMS = 1
 
 
 @dataclass
@@ -100,13 +97,6 @@ class PortableAttentionMetadata(AttentionMetadata):
     # The builder's precompile plan (precompile.py): each layer's first eager step compiles
     # every launch its later steps can take. None where nothing is compiled (no GPU).
     precompile: PrecompilePlan | None = None
-
-
-def _device_num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors (CUs on ROCm) of `device`; CPU_NUM_SMS without a GPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return CPU_NUM_SMS
 
 
 def _gpu_description(device: torch.device) -> str:
@@ -153,7 +143,7 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             )
         self.num_heads: int | None = self._resolve_num_heads(vllm_config, layer_names)
         # Public so tests (and benchmarks) can model a GPU of another size.
-        self.num_sms: int = _device_num_sms(torch.device(device))
+        self.num_sms: int = device_num_sms(torch.device(device))
 
         self.workspace: SplitKVWorkspace | None = None
         if self.num_heads is None:

@@ -3,6 +3,7 @@
 Each module holds one kernel family and one public launcher; this package re-exports them.
 """
 
+from vllm_portable_attn.kernels._common import device_num_sms
 from vllm_portable_attn.kernels.cache_write import write_kv_cache
 from vllm_portable_attn.kernels.classify import (
     GROUP_DECODE,
@@ -43,6 +44,7 @@ __all__ = [
     "choose_tma_prefill",
     "classify_requests",
     "count_score_features",
+    "device_num_sms",
     "group_sizes",
     "grouped_attention",
     "merge_segments",

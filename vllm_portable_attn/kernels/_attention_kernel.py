@@ -13,8 +13,9 @@ Each program owns one *query block* of one sequence and one KV head:
     where context_len = seq_len - q_len, and sees keys at or before it.
   * Split-KV: with NUM_SEGMENTS > 1 each program covers one slice of the key range and writes
     an unnormalised partial result that `merge_segments` (split_kv.py) combines. A slice is at
-    least MIN_SEGMENT_TILES tiles, so a short sequence uses fewer slices than the grid holds;
-    the programs past its last slice only mark themselves empty.
+    least MIN_SEGMENT_TILES tiles, and SEGMENT_TILES where the sequence still fills
+    fill_segments slices, so a short sequence uses fewer slices than the grid holds; the
+    programs past its last slice only mark themselves empty.
   * Tiles fully inside the visible region skip the mask arithmetic; only the boundary tiles
     (causal diagonal, sequence end, sliding-window start) pay for it.
 
@@ -33,13 +34,14 @@ import triton.language as tl
 
 from vllm_portable_attn.kernels._common import (
     LOG2E,
+    device_num_sms,
     find_seq_idx,
     first_block_of,
     num_query_blocks,
     online_softmax_step,
     tanh,
 )
-from vllm_portable_attn.kernels.configs import MIN_SEGMENT_TILES, AttentionConfig
+from vllm_portable_attn.kernels.configs import MIN_SEGMENT_TILES, AttentionConfig, fill_segments
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace
 
 FP8_DTYPES = tuple(
@@ -171,7 +173,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "fill_segments"])
 def attention_kernel(
     query_ptr,  # [num_tokens, num_heads, head_size]
     key_ptr,  # paged [num_blocks, page_size, kv_heads, head_size] or dense [tokens, kv_heads, D]
@@ -194,6 +196,7 @@ def attention_kernel(
     softcap,
     window,
     num_seqs,
+    fill_segments,  # slices a sequence keeps even below SEGMENT_TILES tiles each (split-KV)
     stride_q,  # (token, head)
     stride_o,  # (token, head)
     stride_k,  # (block or token, slot, head)
@@ -211,6 +214,7 @@ def attention_kernel(
     PAGE_SIZE: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
     MIN_SEGMENT_TILES: tl.constexpr,
+    SEGMENT_TILES: tl.constexpr,
     GROUP: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_LOOKAHEAD: tl.constexpr,
@@ -287,8 +291,13 @@ def attention_kernel(
     # This program's slice of the tiles. The segment count is fixed per CUDA graph, the lengths
     # are not: a short sequence split NUM_SEGMENTS ways would give one-tile slices and programs
     # with nothing to do, each paying a program's start and a partial result to merge
-    # (H200: 8 x 1k keys took 30 us in 16 slices, 21 us in 4).
-    tiles_per_segment = tl.maximum(tl.cdiv(tile_hi - tile_lo, NUM_SEGMENTS), MIN_SEGMENT_TILES)
+    # (H200: 8 x 1k keys took 30 us in 16 slices, 21 us in 4). A slice prefers SEGMENT_TILES
+    # tiles, and is cut shorter only to keep fill_segments slices, which fill the GPU.
+    num_tiles = tile_hi - tile_lo
+    preferred_tiles = tl.minimum(
+        SEGMENT_TILES, tl.maximum(tl.cdiv(num_tiles, fill_segments), MIN_SEGMENT_TILES)
+    )
+    tiles_per_segment = tl.maximum(tl.cdiv(num_tiles, NUM_SEGMENTS), preferred_tiles)
     seg_lo = tl.minimum(tile_lo + segment * tiles_per_segment, tile_hi)
     seg_hi = tl.minimum(seg_lo + tiles_per_segment, tile_hi)
     if NUM_SEGMENTS > 1:
@@ -418,6 +427,8 @@ def launch_attention(
 
     grid_tokens, grid_seqs = group_size or (num_tokens, num_seqs)
     grid = (num_query_blocks(grid_tokens, grid_seqs, config.block_q), num_kv_heads, num_segments)
+    # A decode-shaped block holds one request's queries: requests x KV heads per slice index.
+    fill = fill_segments(grid_seqs * num_kv_heads, num_segments, device_num_sms(query.device))
     attention_kernel[grid](
         query, key, value, output,
         ws.partial_out if ws else placeholder,
@@ -433,6 +444,7 @@ def launch_attention(
         softcap or 0.0,
         sliding_window or 0,
         num_seqs,
+        fill,
         query.stride()[:2], output.stride()[:2], stride_k, stride_v,
         (block_table.stride(0),) if paged else (0,),
         ws.partial_out.stride()[:3] if ws else (0, 0, 0),
@@ -447,6 +459,7 @@ def launch_attention(
         PAGE_SIZE=key.shape[1] if paged else 1,
         NUM_SEGMENTS=num_segments,
         MIN_SEGMENT_TILES=MIN_SEGMENT_TILES if num_segments > 1 else 1,
+        SEGMENT_TILES=config.segment_tiles if num_segments > 1 else 1,
         GROUP=group,
         PAGED=paged,
         PAGE_LOOKAHEAD=paged and config.page_lookahead,

@@ -4,6 +4,9 @@ The online softmax runs in base 2 (exp2 is one instruction; exp is exp2 plus a m
 every score is multiplied by log2(e) before it meets the running maximum.
 """
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -33,6 +36,16 @@ def first_block_of(
 def num_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
     """Grid size along the query blocks: enough for any batch of these padded counts."""
     return num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
+
+
+@functools.lru_cache(maxsize=8)
+def device_num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (CUs on ROCm) of `device`. Without a GPU, one: Triton's
+    interpreter runs one program at a time, so there is nothing to fill (tests that exercise
+    split-KV on the CPU choose their segment counts themselves)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
 
 
 @triton.jit

@@ -28,6 +28,9 @@ MAX_SEGMENTS = 32
 # uses fewer segments (H200, 8 sequences x 1k keys, 128-key tiles: 2-tile slices 21 us, 1-tile
 # 24 us, the 16-way split the policy asks for 30 us).
 MIN_SEGMENT_TILES = 2
+# Waves of programs a split-KV grid fills before its slices get shorter than the table's
+# preferred slice length (`AttentionConfig.segment_tiles`, `fill_segments`).
+_FILL_WAVES = 2
 # Queries up to this length (decodes and speculative-decoding verify steps) use decode-shaped
 # tiles; longer ones use prefill-shaped tiles.
 MAX_DECODE_QUERY_LEN = 8
@@ -41,6 +44,8 @@ class AttentionConfig:
     tile_n: keys per inner-loop step, independent of the KV-cache page size.
     page_lookahead: look up the next key tile's pages while this one loads (pipelined prefill).
     keys_as_rows: load K tiles as [keys, head dims], V's layout (see `loads_keys_as_rows`).
+    segment_tiles: split-KV only: the key tiles a slice prefers to hold, fewer only where the
+        sequence would otherwise leave the grid short of `fill_segments` slices.
     """
 
     block_q: int
@@ -50,6 +55,7 @@ class AttentionConfig:
     num_stages: int
     page_lookahead: bool = False
     keys_as_rows: bool = False
+    segment_tiles: int = MIN_SEGMENT_TILES
 
 
 def _arch() -> str:
@@ -204,6 +210,15 @@ def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False)
 # (three stages; the spec row's eight warps), not measured for speed with fp8.
 _FP8_KV_ROWS = {("hopper", "decode"): (16, 64, 4, 3), ("hopper", "spec_tall"): (16, 128, 8, 3)}
 
+# Key tiles a split-KV slice prefers to hold (default MIN_SEGMENT_TILES). Split spec-verify on
+# Hopper: 16 tiles of 128 keys. H200, 8 requests (64 (request, KV head) programs per slice),
+# CUDA graphs: at 8k keys four slices of 16 tiles beat the policy's sixteen slices of 4 tiles by
+# 24% at q8 (86.5 vs 106.9 us; FA3 72.4), 10% at q4, 8% at q2; at 32k-64k sixteen 16-tile slices
+# were as fast or 3-5% faster than four (q8 4% slower); one request over 8k keys kept its 32
+# two-tile slices (20-22 us; 4 slices took 51 us), which `fill_segments` preserves. The
+# interpreter's row is small so that CPU tests cover slices cut short by it.
+_SEGMENT_TILES = {("hopper", "spec_split"): 16, ("interpreter", "spec_split"): 3}
+
 # Shared memory (LDS on AMD) one program may use, per architecture: H100/H200 227 KiB, A100
 # 163 KiB, MI300 64 KiB. The interpreter has no limit; the Hopper figure keeps its tiles honest.
 _SHARED_MEMORY_BYTES = {
@@ -279,6 +294,7 @@ def attention_config(
         num_stages,
         page_lookahead=uses_page_lookahead(shape, num_stages),
         keys_as_rows=loads_keys_as_rows(shape, arch),
+        segment_tiles=_SEGMENT_TILES.get((arch, shape), MIN_SEGMENT_TILES),
     )
 
 
@@ -327,3 +343,16 @@ def choose_num_segments(
     if programs >= 2 * num_sms:
         return 1
     return min(MAX_SEGMENTS, triton.next_power_of_2(triton.cdiv(4 * num_sms, programs)))
+
+
+def fill_segments(programs_per_segment: int, num_segments: int, num_sms: int) -> int:
+    """The slices per sequence that fill _FILL_WAVES waves of a split-KV grid whose slice index
+    holds `programs_per_segment` programs (requests x KV heads); at most `num_segments`.
+
+    A sequence with keys for this many slices of `segment_tiles` tiles is cut that way, so a
+    short one is not chopped into slices too short to pay; a shorter one is cut into this many
+    (and never fewer than MIN_SEGMENT_TILES tiles each), so the grid still fills the GPU. A
+    power of two, so equal-length sequences give equal slices.
+    """
+    fill = max(_FILL_WAVES * num_sms // max(programs_per_segment, 1), 1)
+    return min(1 << (fill.bit_length() - 1), num_segments)

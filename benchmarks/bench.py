@@ -307,7 +307,9 @@ def _parse_config(spec: str, inp: Inputs) -> Any:
 
 def _override_config_table(spec: str) -> None:
     """--table: replace rows of our config table for this run, e.g. 'prefill_dense=128x128x8x2'
-    ('prefill_tma=ROWSxKEYSxWARPSxSTAGES' and 'prefill_tma_min=PROGRAMS' for the TMA prefill).
+    ('prefill_tma=ROWSxKEYSxWARPSxSTAGES' and 'prefill_tma_min=PROGRAMS' for the TMA prefill;
+    'decode_split_slice=TILES' and 'spec_split_slice=TILES' for the key tiles a split-KV slice
+    prefers).
 
     Unlike portable@CONFIG (one config for every launch of the unified kernel), this changes
     what the table hands both routes for one launch shape, so the grouped route can be swept.
@@ -323,6 +325,9 @@ def _override_config_table(spec: str) -> None:
         elif shape == "prefill_tma_min" and arch in configs._TMA_PREFILL:
             (min_programs,) = row  # the fewest programs that take the TMA prefill
             configs._TMA_PREFILL[arch] = (configs._TMA_PREFILL[arch][0], min_programs)
+        elif shape.removesuffix("_slice") in ("decode_split", "spec_split"):
+            (tiles,) = row
+            configs._SEGMENT_TILES[(arch, shape.removesuffix("_slice"))] = tiles
         elif shape in configs.SHAPES:
             configs._TABLE[(arch, shape)] = row
         else:
@@ -1389,7 +1394,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of SHAPE=BMxTNxWxS replacing rows of our config table for this run "
         "(shapes: decode, decode_split, spec, spec_split, spec_tall, prefill, prefill_dense, "
         "and prefill_tma: the TMA prefill's tile, its minimum unchanged); prefill_tma_min=N "
-        "sets that minimum (query blocks x heads)",
+        "sets that minimum (query blocks x heads); decode_split_slice=N and spec_split_slice=N "
+        "the key tiles a split-KV slice prefers",
     )
     kp.add_argument(
         "--segments",

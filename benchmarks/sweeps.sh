@@ -13,6 +13,8 @@
 #   page_order     shuffled vs consecutive block ids: what the page scatter costs
 #   spec           spec-verify tiles: the tall unsplit tile (q8 at GQA 4) and the split one
 #                  (goal K3; q8 was the shape under 0.90x FA3 in session I)
+#   slices         the key tiles a split-KV slice prefers (configs._SEGMENT_TILES): decode on
+#                  small batches of 1k-16k keys (0.79-0.92x FA3 at 2 tiles), and spec-verify
 #   ncu            Nsight Compute sections for the paged and the dense prefill (one launch each)
 # Correctness is not re-checked here (no reference, no FA3): the tests cover every config.
 
@@ -28,6 +30,8 @@ PREFILL_CASES=prefill_b1_8k,prefill_b4_4k,prefill_b16_1k,mixed_2p2k_32d1k
 PAGED_CASES=prefill_b1_8k,extend_b4_q512_ctx8k,mixed_2p2k_32d1k
 TALL_SPEC_CASES=spec_q8_b32_ctx8k,spec_q8_b32_ctx32k
 SPLIT_SPEC_CASES=spec_q8_b8_ctx32k,spec_q4_b8_ctx32k,spec_q2_b8_ctx32k,spec_q8_b1_ctx32k
+SLICE_DECODE_CASES=decode_b8_ctx1k,decode_b8_ctx2k,decode_b16_ctx1k,decode_b16_ctx4k,decode_b8_ctx16k,decode_b4_ctx32k,decode_b1_ctx8k
+SLICE_SPEC_CASES=spec_q8_b8_ctx8k,spec_q4_b8_ctx8k,spec_q8_b8_ctx32k,spec_q4_b8_ctx64k,spec_q8_b1_ctx8k
 
 sweep_decode_split() {
   local tile segs
@@ -72,6 +76,18 @@ sweep_spec() {
   done
   for tile in 16x128x4x2 16x64x4x2 16x64x4x3 16x128x2x2 16x64x2x2; do
     "${BENCH[@]}" --providers portable --cases "$SPLIT_SPEC_CASES" --table "spec_split=$tile"
+  done
+}
+
+sweep_slices() {
+  local tiles
+  for tiles in 2 4 8 16; do
+    "${BENCH[@]}" --providers portable --cases "$SLICE_DECODE_CASES" --cudagraph \
+      --table "decode_split_slice=$tiles"
+  done
+  for tiles in 8 16 32; do
+    "${BENCH[@]}" --providers portable --cases "$SLICE_SPEC_CASES" --cudagraph \
+      --table "spec_split_slice=$tiles"
   done
 }
 

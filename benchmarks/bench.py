@@ -325,7 +325,7 @@ def _override_config_table(spec: str) -> None:
         elif shape == "prefill_tma_min" and arch in configs._TMA_PREFILL:
             (min_programs,) = row  # the fewest programs that take the TMA prefill
             configs._TMA_PREFILL[arch] = (configs._TMA_PREFILL[arch][0], min_programs)
-        elif shape.removesuffix("_slice") in ("decode_split", "spec_split"):
+        elif shape in ("decode_split_slice", "spec_split_slice"):
             (tiles,) = row
             configs._SEGMENT_TILES[(arch, shape.removesuffix("_slice"))] = tiles
         elif shape in configs.SHAPES:

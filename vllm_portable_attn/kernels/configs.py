@@ -346,13 +346,11 @@ def choose_num_segments(
 
 
 def fill_segments(programs_per_segment: int, num_segments: int, num_sms: int) -> int:
-    """The slices per sequence that fill _FILL_WAVES waves of a split-KV grid whose slice index
-    holds `programs_per_segment` programs (requests x KV heads); at most `num_segments`.
-
-    A sequence with keys for this many slices of `segment_tiles` tiles is cut that way, so a
-    short one is not chopped into slices too short to pay; a shorter one is cut into this many
-    (and never fewer than MIN_SEGMENT_TILES tiles each), so the grid still fills the GPU. A
-    power of two, so equal-length sequences give equal slices.
+    """The fewest slices a split-KV launch cuts a sequence into where its keys allow (at
+    MIN_SEGMENT_TILES tiles each): the power of two that fills _FILL_WAVES waves of programs,
+    given `programs_per_segment` programs (requests x KV heads) per slice index; at most
+    `num_segments`. Past that count a slice first grows to the table's `segment_tiles`, and
+    only then are more slices cut, up to `num_segments` (the kernel's `tiles_per_segment`).
     """
     fill = max(_FILL_WAVES * num_sms // max(programs_per_segment, 1), 1)
     return min(1 << (fill.bit_length() - 1), num_segments)

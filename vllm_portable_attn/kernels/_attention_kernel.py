@@ -427,8 +427,10 @@ def launch_attention(
 
     grid_tokens, grid_seqs = group_size or (num_tokens, num_seqs)
     grid = (num_query_blocks(grid_tokens, grid_seqs, config.block_q), num_kv_heads, num_segments)
-    # A decode-shaped block holds one request's queries: requests x KV heads per slice index.
-    fill = fill_segments(grid_seqs * num_kv_heads, num_segments, device_num_sms(query.device))
+    fill = 1
+    if num_segments > 1:
+        # A decode-shaped block holds one request's queries: requests x KV heads per slice.
+        fill = fill_segments(grid_seqs * num_kv_heads, num_segments, device_num_sms(query.device))
     attention_kernel[grid](
         query, key, value, output,
         ws.partial_out if ws else placeholder,

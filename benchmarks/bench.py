@@ -283,33 +283,35 @@ def _split_policy(inp: Inputs, args: argparse.Namespace) -> tuple[int, Any]:
     return segs, ws
 
 
-def _parse_config(spec: str, inp: Inputs) -> Any:
-    """'BMxTNxWxS' (rows per program, keys per tile, warps, stages) -> AttentionConfig."""
+def _parse_config(spec: str, inp: Inputs, num_segments: int) -> Any:
+    """'BMxTNxWxS' (rows per program, keys per tile, warps, stages) -> the AttentionConfig our
+    table gives this launch with that tile instead; the rest (key layout, split slices) is the
+    table's."""
+    import dataclasses
+
     import triton
 
-    from vllm_portable_attn.kernels.configs import (
-        AttentionConfig,
-        config_table_name,
-        launch_shape,
-        loads_keys_as_rows,
-        uses_page_lookahead,
-    )
+    from vllm_portable_attn.kernels.configs import attention_config, uses_page_lookahead
+    from vllm_portable_attn.kernels.unified import head_pad, split_aware_launch_shape
 
     block_m, tile_n, warps, stages = (int(x) for x in spec.split("x"))
-    qpk = triton.next_power_of_2(inp.geo.num_heads // inp.geo.num_kv_heads)
-    shape = launch_shape(inp.case.max_query_len)
-    return AttentionConfig(
-        max(block_m // qpk, 1), block_m, tile_n, warps, stages,
-        page_lookahead=uses_page_lookahead(shape, stages),
-        keys_as_rows=loads_keys_as_rows(shape, config_table_name()),
+    case, geo = inp.case, inp.geo
+    qpk = triton.next_power_of_2(geo.num_heads // geo.num_kv_heads)
+    shape = split_aware_launch_shape(case.max_query_len, num_segments, case.num_reqs, inp.key_cache)
+    table = attention_config(
+        head_pad(geo.head_size), qpk, case.max_query_len, shape, inp.key_cache.element_size()
+    )
+    return dataclasses.replace(
+        table, block_q=max(block_m // qpk, 1), block_m=block_m, tile_n=tile_n, num_warps=warps,
+        num_stages=stages, page_lookahead=uses_page_lookahead(shape, stages),
     )  # fmt: skip
 
 
 def _override_config_table(spec: str) -> None:
     """--table: replace rows of our config table for this run, e.g. 'prefill_dense=128x128x8x2'
     ('prefill_tma=ROWSxKEYSxWARPSxSTAGES' and 'prefill_tma_min=PROGRAMS' for the TMA prefill;
-    'decode_split_slice=TILES' and 'spec_split_slice=TILES' for the key tiles a split-KV slice
-    prefers).
+    'SHAPE_slice=TILES' or 'SHAPE_slice=TILESxWAVES' for the key tiles a split-KV slice of that
+    shape prefers, and the waves of programs its slices fill).
 
     Unlike portable@CONFIG (one config for every launch of the unified kernel), this changes
     what the table hands both routes for one launch shape, so the grouped route can be swept.
@@ -325,9 +327,12 @@ def _override_config_table(spec: str) -> None:
         elif shape == "prefill_tma_min" and arch in configs._TMA_PREFILL:
             (min_programs,) = row  # the fewest programs that take the TMA prefill
             configs._TMA_PREFILL[arch] = (configs._TMA_PREFILL[arch][0], min_programs)
-        elif shape in ("decode_split_slice", "spec_split_slice"):
-            (tiles,) = row
-            configs._SEGMENT_TILES[(arch, shape.removesuffix("_slice"))] = tiles
+        elif shape.endswith("_slice") and shape.removesuffix("_slice") in configs.SHAPES:
+            # TILES, or TILESxWAVES: the slice length a split row prefers, and the waves of
+            # programs it fills (configs._SPLIT_SLICES).
+            key = (arch, shape.removesuffix("_slice"))
+            waves = configs._SPLIT_SLICES.get(key, (0, configs.FILL_WAVES))[1]
+            configs._SPLIT_SLICES[key] = (row[0], row[1] if len(row) > 1 else waves)
         elif shape in configs.SHAPES:
             configs._TABLE[(arch, shape)] = row
         else:
@@ -360,7 +365,7 @@ def _provider_portable(
 
     case = inp.case
     segs, ws = _split_policy(inp, args)
-    cfg = _parse_config(config, inp) if config else None
+    cfg = _parse_config(config, inp, segs) if config else None
 
     def run(i: int, out: Any) -> None:
         unified_attention(
@@ -1392,10 +1397,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--table",
         default="",
         help="comma list of SHAPE=BMxTNxWxS replacing rows of our config table for this run "
-        "(shapes: decode, decode_split, spec, spec_split, spec_tall, prefill, prefill_dense, "
-        "and prefill_tma: the TMA prefill's tile, its minimum unchanged); prefill_tma_min=N "
-        "sets that minimum (query blocks x heads); decode_split_slice=N and spec_split_slice=N "
-        "the key tiles a split-KV slice prefers",
+        "(shapes: those of configs.SHAPES, and prefill_tma: the TMA prefill's tile, its "
+        "minimum unchanged); prefill_tma_min=N sets that minimum (query blocks x heads); "
+        "SHAPE_slice=N or NxW (a split shape, e.g. decode_split_slice=8x4) the key tiles its "
+        "slices prefer and the waves of programs they fill",
     )
     kp.add_argument(
         "--segments",

@@ -163,37 +163,87 @@ def test_choose_num_segments() -> None:
 
 
 def test_fill_segments() -> None:
-    """Slices per sequence that fill two waves, a power of two within the grid's segments."""
+    """Slices per sequence that fill the waves asked for (two unless told), a power of two
+    within the grid's segments."""
     assert configs.fill_segments(64, 16, 132) == 4  # 8 requests x 8 KV heads: 264 // 64
+    assert configs.fill_segments(64, 16, 132, waves=4) == 8  # 528 // 64
     assert configs.fill_segments(8, 32, 132) == 32  # 1 request: every slice of the grid
     assert configs.fill_segments(256, 4, 132) == 1  # 32 requests fill two waves unsplit
     assert configs.fill_segments(3, 8, 132) == 8
     assert configs.fill_segments(1, 1, 1) == 1
 
 
-def test_split_spec_slices_prefer_16_tiles_on_hopper(table: pytest.MonkeyPatch) -> None:
-    """Hopper's split spec-verify slices hold 16 key tiles where the batch allows (H200, q8 at
-    8 x 8k: 86.5 vs 106.9 us); split decode slices stay at the minimum."""
-    table.setattr(configs, "_arch", lambda: "hopper")
-    assert configs.attention_config(128, 4, 4, "spec_split").segment_tiles == 16
-    assert configs.attention_config(128, 4, 1, "decode_split").segment_tiles == 2
+def test_narrow_split_grids_have_under_one_pair_per_8_sms() -> None:
+    """On 132 SMs one or two requests at 8 KV heads make a narrow grid, four a wide one."""
+    assert configs.is_narrow_split(8, 132) and configs.is_narrow_split(16, 132)
+    assert not configs.is_narrow_split(32, 132)
 
 
 @pytest.mark.parametrize(
-    ("max_query_len", "num_segments", "dense", "shape"),
+    ("max_query_len", "shape", "tile_n", "segment_tiles", "fill_waves"),
     [
-        (1, 1, False, "decode"),
-        (1, 8, False, "decode_split"),
-        (4, 1, False, "spec"),
-        (4, 8, False, "spec_split"),
-        (9, 1, False, "prefill"),
-        (9, 1, True, "prefill_dense"),
+        (1, "decode_split", 64, 8, 4),
+        (1, "decode_split_narrow", 128, 2, 2),
+        (4, "spec_split", 64, 16, 2),  # 16 rows at 4 query heads per KV head
+        (8, "spec_split", 128, 16, 2),  # 32 rows: the spec_split_tall row
+        (4, "spec_split_narrow", 128, 16, 2),
+    ],
+)
+def test_hopper_split_rows(
+    max_query_len: int,
+    shape: str,
+    tile_n: int,
+    segment_tiles: int,
+    fill_waves: int,
+    table: pytest.MonkeyPatch,
+) -> None:
+    """Hopper's split rows (H200): 64-key tiles where the grid is wide and a request's rows fit
+    16, 128-key tiles for narrow grids and 32-row blocks; the slice lengths and waves of each."""
+    table.setattr(configs, "_arch", lambda: "hopper")
+    cfg = configs.attention_config(128, 4, max_query_len, shape)
+    assert (cfg.tile_n, cfg.segment_tiles, cfg.fill_waves) == (tile_n, segment_tiles, fill_waves)
+
+
+@pytest.mark.parametrize(
+    ("max_query_len", "num_segments", "dense", "narrow", "shape"),
+    [
+        (1, 1, False, False, "decode"),
+        (1, 1, False, True, "decode"),  # narrowness applies to split grids only
+        (1, 8, False, False, "decode_split"),
+        (1, 8, False, True, "decode_split_narrow"),
+        (4, 1, False, False, "spec"),
+        (4, 8, False, False, "spec_split"),
+        (4, 8, False, True, "spec_split_narrow"),
+        (9, 1, False, False, "prefill"),
+        (9, 1, True, False, "prefill_dense"),
     ],
 )
 def test_launch_shape_names_each_table_row(
-    max_query_len: int, num_segments: int, dense: bool, shape: str
+    max_query_len: int, num_segments: int, dense: bool, narrow: bool, shape: str
 ) -> None:
-    assert configs.launch_shape(max_query_len, num_segments, dense) == shape
+    assert configs.launch_shape(max_query_len, num_segments, dense, narrow) == shape
+    assert shape in configs.SHAPES
+
+
+@pytest.mark.parametrize("provider", ["unified", "grouped"])
+@pytest.mark.parametrize(("num_sms", "warps"), [(1, 4), (1000, 2)])
+def test_split_launches_read_the_narrow_row_on_narrow_grids(
+    provider: str,
+    num_sms: int,
+    warps: int,
+    table: pytest.MonkeyPatch,
+    spy: Callable[[object, str], list[dict]],
+) -> None:
+    """Three requests x 2 KV heads: a wide grid for one SM, a narrow one for 1000 SMs, which
+    then launches with the decode_split_narrow row (2 warps here, so it shows); the outputs
+    stay right either way."""
+    table.setattr(unified, "device_num_sms", lambda device: num_sms)
+    narrow_row = (configs.config_table_name(), "decode_split_narrow")
+    table.setitem(configs._TABLE, narrow_row, (16, 16, 2, 1))
+    calls = spy(unified if provider == "unified" else grouped, "launch_attention")
+    run_and_check(cpu_batch(DECODES[:3]), provider=provider, num_segments=4)
+    split = [c["config"] for c in calls if c.get("num_segments", 1) > 1]
+    assert split and all(cfg.num_warps == warps for cfg in split)
 
 
 @pytest.fixture

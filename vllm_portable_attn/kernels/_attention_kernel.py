@@ -430,7 +430,9 @@ def launch_attention(
     fill = 1
     if num_segments > 1:
         # A decode-shaped block holds one request's queries: requests x KV heads per slice.
-        fill = fill_segments(grid_seqs * num_kv_heads, num_segments, device_num_sms(query.device))
+        fill = fill_segments(
+            grid_seqs * num_kv_heads, num_segments, device_num_sms(query.device), config.fill_waves
+        )
     attention_kernel[grid](
         query, key, value, output,
         ws.partial_out if ws else placeholder,

@@ -29,8 +29,12 @@ MAX_SEGMENTS = 32
 # 24 us, the 16-way split the policy asks for 30 us).
 MIN_SEGMENT_TILES = 2
 # Waves of programs a split-KV grid fills before its slices get shorter than the table's
-# preferred slice length (`AttentionConfig.segment_tiles`, `fill_segments`).
-_FILL_WAVES = 2
+# preferred slice length (`AttentionConfig.segment_tiles`, `fill_segments`); `_SPLIT_SLICES`
+# sets other counts per row.
+FILL_WAVES = 2
+# A split-KV grid with fewer (request, KV head) pairs than one per this many SMs is narrow and
+# reads the *_split_narrow rows (H200, 132 SMs: one or two requests at 8 KV heads).
+_SMS_PER_NARROW_PAIR = 8
 # Queries up to this length (decodes and speculative-decoding verify steps) use decode-shaped
 # tiles; longer ones use prefill-shaped tiles.
 MAX_DECODE_QUERY_LEN = 8
@@ -46,6 +50,7 @@ class AttentionConfig:
     keys_as_rows: load K tiles as [keys, head dims], V's layout (see `loads_keys_as_rows`).
     segment_tiles: split-KV only: the key tiles a slice prefers to hold, fewer only where the
         sequence would otherwise leave the grid short of `fill_segments` slices.
+    fill_waves: split-KV only: the waves of programs those slices fill (`fill_segments`).
     """
 
     block_q: int
@@ -56,6 +61,7 @@ class AttentionConfig:
     page_lookahead: bool = False
     keys_as_rows: bool = False
     segment_tiles: int = MIN_SEGMENT_TILES
+    fill_waves: int = FILL_WAVES
 
 
 def _arch() -> str:
@@ -74,19 +80,33 @@ def config_table_name() -> str:
 
 
 # The launch shapes, each with its own table row:
-#   decode        q_len 1, one program per (request, KV head) over all its keys
-#   decode_split  q_len 1 with split-KV: each program covers a slice of the keys
-#   spec          queries of 2..MAX_DECODE_QUERY_LEN tokens (spec-verify), one block each
-#   spec_split    the same with split-KV
-#   spec_tall     unsplit spec-verify blocks with more rows (query tokens x query heads per KV
-#                 head) than the spec row's, e.g. q8 at 4 heads per KV head: 32 rows;
-#                 `attention_config` picks it from the geometry
-#   prefill       long queries over paged keys (prefills and extends of the unified route,
-#                 extends of the grouped route)
-#   prefill_dense fresh prefills over the new tokens' contiguous K/V (grouped route)
-SHAPES = ("decode", "decode_split", "spec", "spec_split", "spec_tall", "prefill", "prefill_dense")
+#   decode               q_len 1, one program per (request, KV head) over all its keys
+#   decode_split         q_len 1 with split-KV: each program covers a slice of the keys
+#   decode_split_narrow  the same over a narrow grid (`is_narrow_split`: few requests)
+#   spec                 queries of 2..MAX_DECODE_QUERY_LEN tokens (spec-verify), one block each
+#   spec_tall            unsplit spec-verify blocks with more rows (query tokens x query heads
+#                        per KV head) than the spec row's, e.g. q8 at 4 heads per KV head: 32
+#                        rows; `attention_config` picks it from the geometry
+#   spec_split           spec-verify with split-KV
+#   spec_split_tall      split blocks taller than the spec_split row's (as spec_tall)
+#   spec_split_narrow    split spec-verify over a narrow grid, any height
+#   prefill              long queries over paged keys (prefills and extends of the unified
+#                        route, extends of the grouped route)
+#   prefill_dense        fresh prefills over the new tokens' contiguous K/V (grouped route)
 # The shapes whose block holds every query of a request (at most MAX_DECODE_QUERY_LEN).
-DECODE_SHAPES = ("decode", "decode_split", "spec", "spec_split", "spec_tall")
+DECODE_SHAPES = (
+    "decode",
+    "decode_split",
+    "decode_split_narrow",
+    "spec",
+    "spec_tall",
+    "spec_split",
+    "spec_split_tall",
+    "spec_split_narrow",
+)
+SHAPES = (*DECODE_SHAPES, "prefill", "prefill_dense")
+# Shapes `attention_config` swaps for a taller variant when a request's rows outgrow them.
+_TALL_SHAPES = {"spec": "spec_tall", "spec_split": "spec_split_tall"}
 
 # (arch, shape) -> (rows per program, keys per tile, warps, stages). "rows" counts query rows
 # after GQA packing (tokens x heads), which is what the tensor-core dot sees. Hopper rows come
@@ -97,41 +117,61 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     # so CPU tests cover both tile < page and tile > page.
     ("interpreter", "decode"): (16, 16, 4, 1),
     ("interpreter", "decode_split"): (16, 16, 4, 1),
+    ("interpreter", "decode_split_narrow"): (16, 16, 4, 1),
     ("interpreter", "spec"): (16, 16, 4, 1),
-    ("interpreter", "spec_split"): (16, 16, 4, 1),
     ("interpreter", "spec_tall"): (16, 16, 4, 1),
+    ("interpreter", "spec_split"): (16, 16, 4, 1),
+    ("interpreter", "spec_split_tall"): (16, 16, 4, 1),
+    ("interpreter", "spec_split_narrow"): (16, 16, 4, 1),
     # Two "stages" (meaningless to the interpreter) so that CPU tests run the paged prefill
     # loop with its page lookahead, as Hopper does; decode rows cover the plain lookup.
     ("interpreter", "prefill"): (32, 32, 4, 2),
     ("interpreter", "prefill_dense"): (32, 16, 4, 1),
-    # Decode is bandwidth-bound: a modest row count (one token x the GQA group) and wide key
-    # tiles keep many loads in flight; split slices are short, so wider tiles pay there. Two
-    # stages rather than three: 1-2% faster on every split shape measured (B1-16, 1k-32k keys,
-    # H200, 2026-11-29; both use about 72 KiB of shared memory, so the cause is not occupancy);
-    # 64-key tiles were 10-30% slower. The unsplit decode tile likewise: two stages ran 2-6%
-    # faster than three from B=64 up (B64 x 8k 496.6 vs 512.5 us) and the same below (H200,
-    # 2026-11-30, every decode case of bench.py).
+    # Decode is bandwidth-bound: a modest row count (one token x the GQA group). The unsplit
+    # decode tile: two stages ran 2-6% faster than three from B=64 up (B64 x 8k 496.6 vs 512.5
+    # us) and the same below (H200, 2026-11-30, every decode case of bench.py).
     ("hopper", "decode"): (16, 64, 4, 2),
-    ("hopper", "decode_split"): (16, 128, 4, 2),
-    # Spec-verify: three stages pay only unsplit (B32 x 8k at q4: 261.7 vs 267.6 us with two);
-    # split, two stages were 25-31% faster on every shape measured (q2-8, B1-8 over 8k-64k keys,
-    # B32 at q2 in 4 segments; e.g. q4 B8 x 32k 283 vs 405 us), and four warps 4-7% faster than
-    # eight at B8 x 32k (q8 300.6 vs 321.6 us). Unsplit, the 16-row tile keeps eight warps (q4
-    # B32 x 8k 254 vs 291 us on four), a 32-row one runs best on four (q8: 288 vs 457 us; FA3
-    # 250). H200, 2026-11-30. Only 32-row tall tiles were measured (GQA 8 makes taller ones).
+    # Split decode, wide grids (four or more requests at 8 KV heads): 64-key tiles (on sm_90
+    # 38 KiB of shared memory against 72 KiB: more programs per SM) in slices of up to 8
+    # tiles over four waves (`_SPLIT_SLICES`) beat 128-key tiles in 2-tile slices by 5-19%
+    # (H200, CUDA graphs: B8 x 1k 19.0 vs 20.7 us, B8 x 2k 27.5 vs 32.8, B16 x 1k 28.0 vs
+    # 33.5, B4 x 8k 42.7 vs 53.0, B8 x 16k 137.8 vs 145.9, B32 x 2k 80.9 vs 89.3; FA3 18.7 /
+    # 26.9 / 26.4 / 41.8 / 133.5 / 73.3). Narrow grids (one request) lost 20-35% with them
+    # (B1 x 128k 185 vs 136 us), so they keep 128-key tiles (likely: with few programs per SM,
+    # a wider step keeps more bytes in flight). Two stages, four warps (2026-11-29).
+    ("hopper", "decode_split"): (16, 64, 4, 2),
+    ("hopper", "decode_split_narrow"): (16, 128, 4, 2),
+    # Spec-verify: three stages pay only unsplit (B32 x 8k at q4: 261.7 vs 267.6 us with two).
+    # Unsplit, the 16-row tile keeps eight warps (q4 B32 x 8k 254 vs 291 us on four), a 32-row
+    # one runs best on four (q8: 288 vs 457 us; FA3 250); 64-row tiles (Hopper's warp-group MMA
+    # size, half masked at q8) were slower: 324 us on 64 x 64 x 4 warps, 472 on 64 x 128 x 8.
     ("hopper", "spec"): (16, 128, 8, 3),
-    ("hopper", "spec_split"): (16, 128, 4, 2),
     ("hopper", "spec_tall"): (16, 128, 4, 3),
+    # Split, two stages were 25-31% faster on every shape measured (q2-8, B1-8 over 8k-64k
+    # keys; e.g. q4 B8 x 32k 283 vs 405 us), and four warps 4-7% faster than eight. The 16-row
+    # tile (q2, q4 at GQA 4) runs 4-7% faster on 64-key tiles (q4 B8 x 8k 77.4 vs 83.2 us, B8 x
+    # 32k 261.8 vs 274.3, q2 B8 x 32k 258.8 vs 269.7; FA3 73.1 / 255.8 / 258.3); the 32-row
+    # one (q8) 25% slower (B8 x 8k 107.9 vs 86.1), and 64-row tiles slower still, so tall split
+    # blocks and narrow grids keep 128-key tiles. H200, 2026-11-30.
+    ("hopper", "spec_split"): (16, 64, 4, 2),
+    ("hopper", "spec_split_tall"): (16, 128, 4, 2),
+    ("hopper", "spec_split_narrow"): (16, 128, 4, 2),
     ("ampere", "decode"): (16, 64, 4, 2),
     ("ampere", "decode_split"): (16, 64, 4, 2),
+    ("ampere", "decode_split_narrow"): (16, 64, 4, 2),
     ("ampere", "spec"): (16, 64, 2, 1),
-    ("ampere", "spec_split"): (16, 64, 2, 1),
     ("ampere", "spec_tall"): (16, 64, 2, 1),
+    ("ampere", "spec_split"): (16, 64, 2, 1),
+    ("ampere", "spec_split_tall"): (16, 64, 2, 1),
+    ("ampere", "spec_split_narrow"): (16, 64, 2, 1),
     ("cdna", "decode"): (16, 64, 4, 1),
     ("cdna", "decode_split"): (16, 64, 4, 1),
+    ("cdna", "decode_split_narrow"): (16, 64, 4, 1),
     ("cdna", "spec"): (16, 64, 4, 1),
-    ("cdna", "spec_split"): (16, 64, 4, 1),
     ("cdna", "spec_tall"): (16, 64, 4, 1),
+    ("cdna", "spec_split"): (16, 64, 4, 1),
+    ("cdna", "spec_split_tall"): (16, 64, 4, 1),
+    ("cdna", "spec_split_narrow"): (16, 64, 4, 1),
     # Prefill is compute-bound: 128 query rows share each K/V tile. Three stages pay once the
     # paged loop looks its pages up a tile ahead (page_lookahead; 2026-11-22 sweep). 128x128x3
     # was 4-6% faster still on long prefills but spills a register (compile_check), so not it.
@@ -194,14 +234,23 @@ def _is_sm90() -> bool:
     return torch.cuda.get_device_capability()[0] == 9
 
 
-def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False) -> str:
-    """The table row for a launch: from host-side counts that are fixed per CUDA graph."""
+def launch_shape(
+    max_query_len: int, num_segments: int = 1, dense: bool = False, narrow: bool = False
+) -> str:
+    """The table row for a launch: from host-side counts that are fixed per CUDA graph.
+    `narrow`: a split grid with few (request, KV head) pairs (`is_narrow_split`)."""
     if max_query_len > MAX_DECODE_QUERY_LEN:
         return "prefill_dense" if dense else "prefill"
-    split = num_segments > 1
-    if max_query_len > 1:
-        return "spec_split" if split else "spec"
-    return "decode_split" if split else "decode"
+    shape = "spec" if max_query_len > 1 else "decode"
+    if num_segments > 1:
+        shape += "_split_narrow" if narrow else "_split"
+    return shape
+
+
+def is_narrow_split(programs_per_segment: int, num_sms: int) -> bool:
+    """Whether a split-KV grid of `programs_per_segment` (request, KV head) pairs per slice
+    is narrow: fewer than one pair per _SMS_PER_NARROW_PAIR SMs (see the *_split_narrow rows)."""
+    return programs_per_segment * _SMS_PER_NARROW_PAIR < num_sms
 
 
 # Rows for fp8 K/V caches where the 16-bit row spills: each K/V tile is dequantised in
@@ -210,14 +259,27 @@ def launch_shape(max_query_len: int, num_segments: int = 1, dense: bool = False)
 # (three stages; the spec row's eight warps), not measured for speed with fp8.
 _FP8_KV_ROWS = {("hopper", "decode"): (16, 64, 4, 3), ("hopper", "spec_tall"): (16, 128, 8, 3)}
 
-# Key tiles a split-KV slice prefers to hold (default MIN_SEGMENT_TILES). Split spec-verify on
-# Hopper: 16 tiles of 128 keys. H200, 8 requests (64 (request, KV head) programs per slice),
-# CUDA graphs: at 8k keys four slices of 16 tiles beat the policy's sixteen slices of 4 tiles by
-# 24% at q8 (86.5 vs 106.9 us; FA3 72.4), 10% at q4, 8% at q2; at 32k-64k sixteen 16-tile slices
-# were as fast or 3-5% faster than four (q8 4% slower); one request over 8k keys kept its 32
-# two-tile slices (20-22 us; 4 slices took 51 us), which `fill_segments` preserves. The
-# interpreter's row is small so that CPU tests cover slices cut short by it.
-_SEGMENT_TILES = {("hopper", "spec_split"): 16, ("interpreter", "spec_split"): 3}
+# Split-KV slices per (arch, shape): (key tiles a slice prefers to hold, waves of programs
+# they fill); default (MIN_SEGMENT_TILES, FILL_WAVES). H200, CUDA graphs:
+# - spec_split_tall / _narrow (128-key tiles): 8 requests (64 (request, KV head) programs per
+#   slice) at 8k keys: four slices of 16 tiles beat the policy's sixteen slices of 4 tiles by
+#   24% at q8 (86.5 vs 106.9 us; FA3 72.4); at 32k-64k sixteen 16-tile slices were as fast or
+#   3-5% faster than four; one request over 8k keys kept its 32 two-tile slices (20-22 us; 4
+#   slices took 51 us), which `fill_segments` preserves.
+# - spec_split (64-key tiles): the same 1k keys a slice, 16 tiles, were best at q4 B8 x 8k
+#   (77.4 us; 8 tiles 84.2, 24 87.1, 32 109.3).
+# - decode_split (64-key tiles): the best slice count gave about four waves of programs at
+#   every batch of 4-32 requests (B8 x 1k: 2-tile slices 19.0 us, 4-tile 21.8; B8 x 2k: 4
+#   tiles 27.5, 8 34.4; B4 x 8k: 8 tiles 42.7, 4 48.9): up to 8 tiles over four waves gives
+#   each of those.
+# The interpreter's row is small so that CPU tests cover slices cut short by it.
+_SPLIT_SLICES = {
+    ("hopper", "decode_split"): (8, 4),
+    ("hopper", "spec_split"): (16, FILL_WAVES),
+    ("hopper", "spec_split_tall"): (16, FILL_WAVES),
+    ("hopper", "spec_split_narrow"): (16, FILL_WAVES),
+    ("interpreter", "spec_split"): (3, FILL_WAVES),
+}
 
 # Shared memory (LDS on AMD) one program may use, per architecture: H100/H200 227 KiB, A100
 # 163 KiB, MI300 64 KiB. The interpreter has no limit; the Hopper figure keeps its tiles honest.
@@ -257,8 +319,8 @@ def attention_config(
         triton.next_power_of_2(min(max(max_query_len, 1), MAX_DECODE_QUERY_LEN))
         * queries_per_kv_padded
     )
-    if shape == "spec" and request_rows > _TABLE[(arch, "spec")][0]:
-        shape = "spec_tall"
+    if shape in _TALL_SHAPES and request_rows > _TABLE[(arch, shape)][0]:
+        shape = _TALL_SHAPES[shape]
     row = _FP8_KV_ROWS.get((arch, shape)) if kv_fp8 else None
     rows, tile_n, num_warps, num_stages = row or _TABLE[(arch, shape)]
     if shape in DECODE_SHAPES:
@@ -286,6 +348,7 @@ def attention_config(
     while shared_bytes() > _SHARED_MEMORY_BYTES[arch] and num_stages > 1:
         num_stages -= 1
     block_q = max(block_m // queries_per_kv_padded, 1)
+    segment_tiles, fill_waves = _SPLIT_SLICES.get((arch, shape), (MIN_SEGMENT_TILES, FILL_WAVES))
     return AttentionConfig(
         block_q,
         block_q * queries_per_kv_padded,
@@ -294,7 +357,8 @@ def attention_config(
         num_stages,
         page_lookahead=uses_page_lookahead(shape, num_stages),
         keys_as_rows=loads_keys_as_rows(shape, arch),
-        segment_tiles=_SEGMENT_TILES.get((arch, shape), MIN_SEGMENT_TILES),
+        segment_tiles=segment_tiles,
+        fill_waves=fill_waves,
     )
 
 
@@ -317,8 +381,7 @@ def loads_keys_as_rows(shape: str, arch: str) -> bool:
     keys]; so do Ampere (the transpose happens in registers there: the 128-row tile spills) and
     CDNA (not measured). The interpreter follows Hopper, so CPU tests run both layouts.
     """
-    keys_as_rows_shapes = ("spec", "spec_split", "spec_tall", "prefill", "prefill_dense")
-    return arch in ("hopper", "interpreter") and shape in keys_as_rows_shapes
+    return arch in ("hopper", "interpreter") and not shape.startswith("decode")
 
 
 def count_score_features(*features: object) -> int:
@@ -345,12 +408,14 @@ def choose_num_segments(
     return min(MAX_SEGMENTS, triton.next_power_of_2(triton.cdiv(4 * num_sms, programs)))
 
 
-def fill_segments(programs_per_segment: int, num_segments: int, num_sms: int) -> int:
+def fill_segments(
+    programs_per_segment: int, num_segments: int, num_sms: int, waves: int = FILL_WAVES
+) -> int:
     """The fewest slices a split-KV launch cuts a sequence into where its keys allow (at
-    MIN_SEGMENT_TILES tiles each): the power of two that fills _FILL_WAVES waves of programs,
+    MIN_SEGMENT_TILES tiles each): the power of two that fills `waves` waves of programs,
     given `programs_per_segment` programs (requests x KV heads) per slice index; at most
     `num_segments`. Past that count a slice first grows to the table's `segment_tiles`, and
     only then are more slices cut, up to `num_segments` (the kernel's `tiles_per_segment`).
     """
-    fill = max(_FILL_WAVES * num_sms // max(programs_per_segment, 1), 1)
+    fill = max(waves * num_sms // max(programs_per_segment, 1), 1)
     return min(1 << (fill.bit_length() - 1), num_segments)

@@ -11,10 +11,12 @@ import torch
 import triton
 
 from vllm_portable_attn.kernels._attention_kernel import FP8_DTYPES, launch_attention
+from vllm_portable_attn.kernels._common import device_num_sms
 from vllm_portable_attn.kernels.configs import (
     AttentionConfig,
     attention_config,
     count_score_features,
+    is_narrow_split,
     launch_shape,
 )
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
@@ -74,7 +76,7 @@ def unified_attention(
         head_pad(query.shape[2]),
         queries_per_kv_pad(query, key_cache),
         max_query_len,
-        launch_shape(max_query_len, num_segments),
+        split_aware_launch_shape(max_query_len, num_segments, seq_lens.shape[0], key_cache),
         query.element_size(),
         count_score_features(sliding_window, softcap or None, alibi_slopes, sinks),
         kv_fp8=key_cache.dtype in FP8_DTYPES,
@@ -87,6 +89,17 @@ def unified_attention(
     )  # fmt: skip
     if num_segments > 1:
         merge_segments(output, workspace, query_start_loc, num_segments)
+
+
+def split_aware_launch_shape(
+    max_query_len: int, num_segments: int, grid_seqs: int, key_cache: torch.Tensor
+) -> str:
+    """`launch_shape` of a paged launch whose grid covers `grid_seqs` requests: a split grid
+    of few (request, KV head) pairs reads the narrow rows."""
+    narrow = num_segments > 1 and is_narrow_split(
+        grid_seqs * key_cache.shape[2], device_num_sms(key_cache.device)
+    )
+    return launch_shape(max_query_len, num_segments, narrow=narrow)
 
 
 def head_pad(head_size: int) -> int:

@@ -15,6 +15,11 @@
 #                  (goal K3; q8 was the shape under 0.90x FA3 in session I)
 #   slices         the key tiles a split-KV slice prefers (configs._SEGMENT_TILES): decode on
 #                  small batches of 1k-16k keys (0.79-0.92x FA3 at 2 tiles), and spec-verify
+#   split_rows     the split rows of 33412ce against the rows before it (128-key tiles,
+#                  2-tile decode slices) on every decode and spec-verify case, and the narrow
+#                  rows against the wide ones on the one- and two-request cases
+#   spec_blocks    q8 at GQA 4 (32 rows) cut into two 16-row blocks per request (K/V read
+#                  twice, L2 permitting once), through --configs
 #   ncu            Nsight Compute sections for the paged and the dense prefill (one launch each)
 # Correctness is not re-checked here (no reference, no FA3): the tests cover every config.
 
@@ -32,6 +37,10 @@ TALL_SPEC_CASES=spec_q8_b32_ctx8k,spec_q8_b32_ctx32k
 SPLIT_SPEC_CASES=spec_q8_b8_ctx32k,spec_q4_b8_ctx32k,spec_q2_b8_ctx32k,spec_q8_b1_ctx32k
 SLICE_DECODE_CASES=decode_b8_ctx1k,decode_b8_ctx2k,decode_b16_ctx1k,decode_b16_ctx4k,decode_b8_ctx16k,decode_b4_ctx32k,decode_b1_ctx8k
 SLICE_SPEC_CASES=spec_q8_b8_ctx8k,spec_q4_b8_ctx8k,spec_q8_b8_ctx32k,spec_q4_b8_ctx64k,spec_q8_b1_ctx8k
+NARROW_CASES=decode_b1_ctx8k,decode_b1_ctx32k,decode_b1_ctx128k,decode_b2_ctx4k,decode_b2_ctx16k
+NARROW_CASES+=,decode_b2_ctx64k,spec_q2_b1_ctx32k,spec_q4_b1_ctx8k,spec_q4_b1_ctx32k
+Q8_CASES=spec_q8_b1_ctx8k,spec_q8_b1_ctx32k,spec_q8_b8_ctx8k,spec_q8_b8_ctx32k,spec_q8_b8_ctx64k
+Q8_CASES+=,spec_q8_b32_ctx8k,spec_q8_b32_ctx32k
 
 sweep_decode_split() {
   local tile segs
@@ -92,6 +101,20 @@ sweep_slices() {
     "${BENCH[@]}" --providers portable --cases "$SLICE_SPEC_CASES" --cudagraph \
       --table "spec_split_slice=$tiles"
   done
+}
+
+sweep_split_rows() {
+  local old=decode_split=16x128x4x2,decode_split_slice=2x2,spec_split=16x128x4x2
+  local as_wide=decode_split_narrow=16x64x4x2,decode_split_narrow_slice=8x4
+  as_wide+=,spec_split_narrow=16x64x4x2
+  "${BENCH[@]}" --providers portable --cases decode,spec --cudagraph
+  "${BENCH[@]}" --providers portable --cases decode,spec --cudagraph --table "$old"
+  "${BENCH[@]}" --providers portable --cases "$NARROW_CASES" --cudagraph --table "$as_wide"
+}
+
+sweep_spec_blocks() {
+  "${BENCH[@]}" --providers portable --cases "$Q8_CASES" --cudagraph \
+    --configs 16x64x4x2,16x128x4x2,16x64x4x3
 }
 
 sweep_ncu() {

@@ -173,10 +173,12 @@ def test_fill_segments() -> None:
     assert configs.fill_segments(1, 1, 1) == 1
 
 
-def test_narrow_split_grids_have_under_one_pair_per_8_sms() -> None:
-    """On 132 SMs one or two requests at 8 KV heads make a narrow grid, four a wide one."""
-    assert configs.is_narrow_split(8, 132) and configs.is_narrow_split(16, 132)
-    assert not configs.is_narrow_split(32, 132)
+def test_narrow_split_grids_have_under_one_pair_per_12_sms() -> None:
+    """On 132 SMs one request at 8 KV heads makes a narrow grid, two a wide one; on 114 (H100
+    PCIe) too."""
+    for num_sms in (132, 114):
+        assert configs.is_narrow_split(8, num_sms)
+        assert not configs.is_narrow_split(16, num_sms)
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,9 @@ MIN_SEGMENT_TILES = 2
 # sets other counts per row.
 FILL_WAVES = 2
 # A split-KV grid with fewer (request, KV head) pairs than one per this many SMs is narrow and
-# reads the *_split_narrow rows (H200, 132 SMs: one or two requests at 8 KV heads).
-_SMS_PER_NARROW_PAIR = 8
+# reads the *_split_narrow rows. H200 (132 SMs), 8 KV heads: one request (8 pairs, one per 16.5
+# SMs) ran faster on the narrow rows, two (one per 8.3 SMs) on the wide ones; 12 lies between.
+_SMS_PER_NARROW_PAIR = 12
 # Queries up to this length (decodes and speculative-decoding verify steps) use decode-shaped
 # tiles; longer ones use prefill-shaped tiles.
 MAX_DECODE_QUERY_LEN = 8
@@ -131,14 +132,16 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     # decode tile: two stages ran 2-6% faster than three from B=64 up (B64 x 8k 496.6 vs 512.5
     # us) and the same below (H200, 2026-11-30, every decode case of bench.py).
     ("hopper", "decode"): (16, 64, 4, 2),
-    # Split decode, wide grids (four or more requests at 8 KV heads): 64-key tiles (on sm_90
+    # Split decode, wide grids (two or more requests at 8 KV heads): 64-key tiles (on sm_90
     # 38 KiB of shared memory against 72 KiB: more programs per SM) in slices of up to 8
     # tiles over four waves (`_SPLIT_SLICES`) beat 128-key tiles in 2-tile slices by 5-19%
     # (H200, CUDA graphs: B8 x 1k 19.0 vs 20.7 us, B8 x 2k 27.5 vs 32.8, B16 x 1k 28.0 vs
     # 33.5, B4 x 8k 42.7 vs 53.0, B8 x 16k 137.8 vs 145.9, B32 x 2k 80.9 vs 89.3; FA3 18.7 /
-    # 26.9 / 26.4 / 41.8 / 133.5 / 73.3). Narrow grids (one request) lost 20-35% with them
-    # (B1 x 128k 185 vs 136 us), so they keep 128-key tiles (likely: with few programs per SM,
-    # a wider step keeps more bytes in flight). Two stages, four warps (2026-11-29).
+    # 26.9 / 26.4 / 41.8 / 133.5 / 73.3); two requests 6-18% at 1k-128k keys (B2 x 16k 42.8 vs
+    # 50.9, x 64k 132.7 vs 162.3; FA3 41.7 / 133.6). One request (a narrow grid) lost 4-35%
+    # with them (B1 x 32k 52.5 vs 43.5, x 128k 184 vs 136.5), so it keeps 128-key tiles
+    # (likely: with few programs per SM, a wider step keeps more bytes in flight). Two stages,
+    # four warps (2026-11-29).
     ("hopper", "decode_split"): (16, 64, 4, 2),
     ("hopper", "decode_split_narrow"): (16, 128, 4, 2),
     # Spec-verify: three stages pay only unsplit (B32 x 8k at q4: 261.7 vs 267.6 us with two).

@@ -13,8 +13,8 @@
 #   page_order     shuffled vs consecutive block ids: what the page scatter costs
 #   spec           spec-verify tiles: the tall unsplit tile (q8 at GQA 4) and the split one
 #                  (goal K3; q8 was the shape under 0.90x FA3 in session I)
-#   slices         the key tiles a split-KV slice prefers (configs._SEGMENT_TILES): decode on
-#                  small batches of 1k-16k keys (0.79-0.92x FA3 at 2 tiles), and spec-verify
+#   slices         the key tiles a split-KV slice prefers (configs._SPLIT_SLICES, each row's
+#                  fill waves kept): decode on small batches of 1k-32k keys, and spec-verify
 #   split_rows     the split rows of 33412ce against the rows before it (128-key tiles,
 #                  2-tile decode slices) on every decode and spec-verify case, and the narrow
 #                  rows against the wide ones on the one- and two-request cases

@@ -1,9 +1,9 @@
 """Launch configurations, chosen offline and looked up per call: never autotuned while serving.
 
-Everything here is plain data plus two small pure functions, so the choice is cheap (cached),
+Everything here is plain data plus small pure functions, so the choice is cheap (cached),
 deterministic, and depends only on quantities that stay fixed for one CUDA-graph capture:
-the head geometry, the dtype, the device architecture, whether the batch holds any query longer
-than the spec-verify bound, and the padded token / request counts.
+the head geometry, the dtype, the device architecture and its SM count, whether the batch holds
+any query longer than the spec-verify bound, and the padded token / request counts.
 """
 
 from __future__ import annotations

@@ -260,19 +260,23 @@ class Inputs:
 ProviderFn = Callable[[int, Any], None]  # (copy index, output tensor) -> None
 
 
-def _split_policy(inp: Inputs, args: argparse.Namespace) -> tuple[int, Any]:
-    """Our split-KV segment count and workspace, chosen as the metadata builder chooses them."""
+def _split_policy(inp: Inputs, args: argparse.Namespace) -> tuple[int, Any, bool]:
+    """Our split-KV segment count, workspace and grid width (narrow or not), chosen as the
+    metadata builder chooses them."""
     from vllm_portable_attn.kernels import (
         MAX_SEGMENTS,
         MAX_SPLIT_TOKENS,
         SplitKVWorkspace,
         choose_num_segments,
+        is_narrow_split,
     )
 
     case, geo = inp.case, inp.geo
+    num_sms = _num_sms(inp.device)
     segs = args.segments or choose_num_segments(
-        case.num_tokens, case.num_reqs, case.max_query_len, geo.num_kv_heads, _num_sms(inp.device)
+        case.num_tokens, case.num_reqs, case.max_query_len, geo.num_kv_heads, num_sms
     )
+    narrow = segs > 1 and is_narrow_split(case.num_reqs * geo.num_kv_heads, num_sms)
     ws = None
     if segs > 1:
         # Sized like the metadata builder sizes it: once, for the largest split batch.
@@ -280,10 +284,10 @@ def _split_policy(inp: Inputs, args: argparse.Namespace) -> tuple[int, Any]:
             max(MAX_SPLIT_TOKENS, case.num_tokens), geo.num_heads, geo.head_size,
             max(MAX_SEGMENTS, segs), inp.device,
         )  # fmt: skip
-    return segs, ws
+    return segs, ws, narrow
 
 
-def _parse_config(spec: str, inp: Inputs, num_segments: int) -> Any:
+def _parse_config(spec: str, inp: Inputs, num_segments: int, narrow_split: bool) -> Any:
     """'BMxTNxWxS' (rows per program, keys per tile, warps, stages) -> the AttentionConfig our
     table gives this launch with that tile instead; the rest (key layout, split slices) is the
     table's."""
@@ -291,13 +295,17 @@ def _parse_config(spec: str, inp: Inputs, num_segments: int) -> Any:
 
     import triton
 
-    from vllm_portable_attn.kernels.configs import attention_config, uses_page_lookahead
-    from vllm_portable_attn.kernels.unified import head_pad, split_aware_launch_shape
+    from vllm_portable_attn.kernels.configs import (
+        attention_config,
+        launch_shape,
+        uses_page_lookahead,
+    )
+    from vllm_portable_attn.kernels.unified import head_pad
 
     block_m, tile_n, warps, stages = (int(x) for x in spec.split("x"))
     case, geo = inp.case, inp.geo
     qpk = triton.next_power_of_2(geo.num_heads // geo.num_kv_heads)
-    shape = split_aware_launch_shape(case.max_query_len, num_segments, case.num_reqs, inp.key_cache)
+    shape = launch_shape(case.max_query_len, num_segments, narrow=narrow_split)
     table = attention_config(
         head_pad(geo.head_size), qpk, case.max_query_len, shape, inp.key_cache.element_size()
     )
@@ -364,15 +372,15 @@ def _provider_portable(
     from vllm_portable_attn.kernels import unified_attention
 
     case = inp.case
-    segs, ws = _split_policy(inp, args)
-    cfg = _parse_config(config, inp, segs) if config else None
+    segs, ws, narrow = _split_policy(inp, args)
+    cfg = _parse_config(config, inp, segs, narrow) if config else None
 
     def run(i: int, out: Any) -> None:
         unified_attention(
             inp.query[i], inp.key_cache, inp.value_cache, out, inp.query_start_loc,
             inp.seq_lens, inp.block_tables[i], max_query_len=case.max_query_len,
             max_seq_len=case.max_seq_len, softmax_scale=inp.scale, causal=True, num_segments=segs,
-            workspace=ws, config=cfg,
+            workspace=ws, narrow_split=narrow, config=cfg,
         )  # fmt: skip
 
     return run, {"num_segments": segs, "config": config or "table"}
@@ -395,7 +403,7 @@ def _provider_portable_grouped(
     )
 
     case = inp.case
-    segs, ws = _split_policy(inp, args)
+    segs, ws, narrow = _split_policy(inp, args)
     groups = RequestGroups.allocate(case.num_reqs, inp.device)
     classify_requests(inp.query_start_loc, inp.seq_lens, groups, MAX_DECODE_QUERY_LEN)
     new_kv = _new_tokens_kv(inp)
@@ -407,7 +415,7 @@ def _provider_portable_grouped(
             inp.query[i], *new_kv[i], inp.key_cache, inp.value_cache, out,
             inp.query_start_loc, inp.seq_lens, inp.block_tables[i], groups,
             max_query_len=case.max_query_len, max_seq_len=case.max_seq_len, softmax_scale=inp.scale,
-            causal=True, num_segments=segs, workspace=ws, group_sizes=sizes,
+            causal=True, num_segments=segs, workspace=ws, narrow_split=narrow, group_sizes=sizes,
             allow_tma_prefill=tma_prefill,
         )  # fmt: skip
 

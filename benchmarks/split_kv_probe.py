@@ -42,6 +42,7 @@ def probe_case(
     from vllm_portable_attn.kernels import (
         SplitKVWorkspace,
         choose_num_segments,
+        is_narrow_split,
         merge_segments,
         unified_attention,
     )
@@ -62,10 +63,11 @@ def probe_case(
     workspace = SplitKVWorkspace.allocate(64, NUM_HEADS, HEAD_SIZE, 32, device)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     policy = choose_num_segments(batch, batch, 1, NUM_KV_HEADS, num_sms)
+    narrow = is_narrow_split(batch * NUM_KV_HEADS, num_sms)
     scale = HEAD_SIZE**-0.5
 
     def attention(segments: int, merge: bool) -> Callable[[], None]:
-        config = attention_config(HEAD_SIZE, 4, 1, launch_shape(1, segments))
+        config = attention_config(HEAD_SIZE, 4, 1, launch_shape(1, segments, narrow=narrow))
         split = dict(num_segments=segments, workspace=workspace if segments > 1 else None)
 
         def run() -> None:
@@ -73,7 +75,8 @@ def probe_case(
                 if merge:
                     unified_attention(
                         query, key, value, out, query_start_loc, seq_lens, table,
-                        max_query_len=1, max_seq_len=context, softmax_scale=scale, **split,
+                        max_query_len=1, max_seq_len=context, softmax_scale=scale,
+                        narrow_split=narrow, **split,
                     )  # fmt: skip
                 else:
                     kernel_module.launch_attention(

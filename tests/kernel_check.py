@@ -42,6 +42,7 @@ def run_and_check(
     *,
     provider: str = "unified",
     num_segments: int = 1,
+    narrow_split: bool = False,
     fp8: torch.dtype | None = None,
     tma_prefill: bool = True,
     **features: object,
@@ -77,7 +78,7 @@ def run_and_check(
         **scales,
         **features,
     )
-    split = dict(num_segments=num_segments, workspace=workspace)
+    split = dict(num_segments=num_segments, workspace=workspace, narrow_split=narrow_split)
     ref = torch.full_like(batch.query, float("nan"), dtype=torch.float64)
     paged_attention_reference(batch.query, *paged, ref, *lengths, compute_dtype=torch.float64,
                               **common)  # fmt: skip

@@ -752,7 +752,7 @@ def test_precompile_plan_covers_every_step_the_builder_plans(route: str, device:
     setup.builder.num_sms = 132  # an H100's split-KV choices
     plan = setup.builder.precompile_plan()
     shapes = step_shapes(plan, route)
-    seen_segments = set()
+    seen_splits = set()
     for num_reqs in range(1, 17):  # the test config's max_num_seqs
         for q_len, padding in ((1, 0), (3, 0), (8, 0), (1, 64), (20, 0)):
             requests = [(q_len, 5)] * num_reqs
@@ -760,11 +760,12 @@ def test_precompile_plan_covers_every_step_the_builder_plans(route: str, device:
             md = setup.builder.build(0, common_metadata(batch, padded=True))
             classified = md.request_groups is not None
             shape = StepShape(min(md.max_query_len, MAX_DECODE_QUERY_LEN + 1), md.num_segments,
-                              classified)  # fmt: skip
+                              classified, narrow_split=md.narrow_split)  # fmt: skip
             assert shape in shapes, (requests, padding)
-            seen_segments.add(md.num_segments)
-    assert seen_segments == {1, 8, 16, 32}
-    assert set(plan.segment_counts) == {1, 4, 8, 16, 32}  # 4: 17 to 32 requests
+            seen_splits.add((md.num_segments, md.narrow_split))
+    # One request at 8 KV heads is a narrow grid on 132 SMs, two or more a wide one.
+    assert seen_splits == {(1, False), (8, False), (16, False), (32, False), (32, True)}
+    assert set(plan.splits) == seen_splits | {(4, False)}  # 4: 17 to 32 requests
 
 
 def test_precompile_runs_every_step_shape_under_compile_only(
@@ -814,8 +815,8 @@ def test_precompile_runs_every_step_shape_under_compile_only(
             assert m.request_groups is plan.request_groups
         else:
             assert m.request_groups is (plan.request_groups if route == "grouped" else None)
-    assert {(m.max_query_len, m.num_segments) for m in seen} >= {
-        (q, s) for q in range(1, MAX_DECODE_QUERY_LEN + 1) for s in plan.segment_counts
+    assert {(m.max_query_len, m.num_segments, m.narrow_split) for m in seen} >= {
+        (q, s, narrow) for q in range(1, MAX_DECODE_QUERY_LEN + 1) for s, narrow in plan.splits
     }
 
 
@@ -865,8 +866,8 @@ def test_gpu_precompile_leaves_nothing_to_compile_for_later_steps(
     model = Model(device, **LLAMA_8B)
     warmup = [(2, 0), (1, 20)]
     later = [
-        [(1, 700)],  # 32 segments
-        [(3, 200), (1, 50), (5, 90)],  # spec-verify, 32 segments
+        [(1, 700)],  # 32 segments over a narrow grid
+        [(3, 200), (1, 50), (5, 90)],  # spec-verify, 32 segments over a wide grid
         [(6, 90)] * 6,  # 16 segments
         [(8, 40)] * 8,  # 8 segments (64 tokens)
         [(1, 30)] * 10,  # padded past the split bound below: no split
@@ -987,6 +988,33 @@ def test_kv_sharing_layer_reads_the_cache_not_its_own_kv(route: str, device: str
         setup.layer, batch.query, unrelated_k, unrelated_v, batch.kv_cache, md, output=output
     )
     assert_matches(output, reference(setup, oracle), batch.num_actual_tokens)
+
+
+@pytest.mark.parametrize(
+    ("requests", "narrow"),
+    [([(1, 50)], True), ([(3, 50)], True), ([(1, 50)] * 2, False), ([(20, 5)], False)],
+)
+def test_builder_marks_narrow_split_grids_and_the_impl_passes_it_on(
+    route: str,
+    device: str,
+    monkeypatch: pytest.MonkeyPatch,
+    requests: list[tuple[int, int]],
+    narrow: bool,
+) -> None:
+    """On 132 SMs at 8 KV heads a split step of one request is narrow, of two wide; an unsplit
+    (prefill-shaped) step never is. The forward hands the launcher exactly that (the launch
+    itself is recorded, not run: the kernel tests run both rows)."""
+    model = Model(device, **{**LLAMA_8B, "dtype": torch.float16})
+    setup = model.setup()
+    setup.builder.num_sms = 132
+    calls: list[dict] = []
+    launcher = "grouped_attention" if route == "grouped" else "unified_attention"
+    monkeypatch.setattr(impl_module, launcher, lambda *args, **kwargs: calls.append(kwargs))
+    batch = model.batch(requests)
+    md = setup.builder.build(0, common_metadata(batch, padded=True))
+    assert md.narrow_split == narrow and (md.num_segments > 1 or not narrow)
+    run_step(setup, batch, md)
+    assert [c["narrow_split"] for c in calls] == [narrow]
 
 
 def test_segment_choice_depends_on_padded_counts_only(device: str) -> None:

@@ -228,22 +228,21 @@ def test_launch_shape_names_each_table_row(
 
 
 @pytest.mark.parametrize("provider", ["unified", "grouped"])
-@pytest.mark.parametrize(("num_sms", "warps"), [(1, 4), (1000, 2)])
-def test_split_launches_read_the_narrow_row_on_narrow_grids(
+@pytest.mark.parametrize(("narrow_split", "warps"), [(False, 4), (True, 2)])
+def test_narrow_split_launches_read_the_narrow_row(
     provider: str,
-    num_sms: int,
+    narrow_split: bool,
     warps: int,
     table: pytest.MonkeyPatch,
     spy: Callable[[object, str], list[dict]],
 ) -> None:
-    """Three requests x 2 KV heads: a wide grid for one SM, a narrow one for 1000 SMs, which
-    then launches with the decode_split_narrow row (2 warps here, so it shows); the outputs
-    stay right either way."""
-    table.setattr(unified, "device_num_sms", lambda device: num_sms)
+    """A split launch told its grid is narrow reads the decode_split_narrow row (2 warps here,
+    so it shows); the outputs stay right either way."""
     narrow_row = (configs.config_table_name(), "decode_split_narrow")
     table.setitem(configs._TABLE, narrow_row, (16, 16, 2, 1))
     calls = spy(unified if provider == "unified" else grouped, "launch_attention")
-    run_and_check(cpu_batch(DECODES[:3]), provider=provider, num_segments=4)
+    batch = cpu_batch(DECODES[:3])
+    run_and_check(batch, provider=provider, num_segments=4, narrow_split=narrow_split)
     split = [c["config"] for c in calls if c.get("num_segments", 1) > 1]
     assert split and all(cfg.num_warps == warps for cfg in split)
 

@@ -32,7 +32,7 @@ def features(draw: st.DrawFn) -> dict:
     return chosen
 
 
-def check(reqs, feats, provider, padded, segments, page_size, heads, size) -> None:
+def check(reqs, feats, provider, padded, split, page_size, heads, size) -> None:
     batch = make_batch(
         reqs,
         num_heads=heads[0],
@@ -45,9 +45,10 @@ def check(reqs, feats, provider, padded, segments, page_size, heads, size) -> No
         num_padding_tokens=padded,
         seed=len(reqs) * 131 + page_size,
     )
-    # Split-KV only where the builder would allow it (a small batch).
-    num_segments = segments if batch.query.shape[0] <= 64 else 1
-    run_and_check(batch, provider=provider, num_segments=num_segments, **feats)
+    # Split-KV only where the builder would allow it (a small batch); split is (segments,
+    # whether the grid counts as narrow: the *_split_narrow rows).
+    segments, narrow = split if batch.query.shape[0] <= 64 else (1, False)
+    run_and_check(batch, provider=provider, num_segments=segments, narrow_split=narrow, **feats)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU variant below covers this at larger sizes")
@@ -57,12 +58,12 @@ def check(reqs, feats, provider, padded, segments, page_size, heads, size) -> No
     feats=features(),
     provider=st.sampled_from(["unified", "grouped"]),
     padded=st.integers(0, 2),
-    segments=st.sampled_from([1, 4]),
+    split=st.sampled_from([(1, False), (4, False), (4, True)]),
     page_size=st.sampled_from([16, 32]),
     heads=st.sampled_from([(4, 1), (8, 2), (6, 2)]),
 )
-def test_random_batches(reqs, feats, provider, padded, segments, page_size, heads) -> None:
-    check(reqs, feats, provider, padded, segments, page_size, heads, size=32)
+def test_random_batches(reqs, feats, provider, padded, split, page_size, heads) -> None:
+    check(reqs, feats, provider, padded, split, page_size, heads, size=32)
 
 
 @pytest.mark.gpu
@@ -72,9 +73,9 @@ def test_random_batches(reqs, feats, provider, padded, segments, page_size, head
     feats=features(),
     provider=st.sampled_from(["unified", "grouped"]),
     padded=st.integers(0, 3),
-    segments=st.sampled_from([1, 8]),
+    split=st.sampled_from([(1, False), (8, False), (8, True)]),
     page_size=st.sampled_from([16, 64]),
     heads=st.sampled_from([(32, 8), (16, 1), (28, 4)]),
 )
-def test_gpu_random_batches(reqs, feats, provider, padded, segments, page_size, heads) -> None:
-    check(reqs, feats, provider, padded, segments, page_size, heads, size=128)
+def test_gpu_random_batches(reqs, feats, provider, padded, split, page_size, heads) -> None:
+    check(reqs, feats, provider, padded, split, page_size, heads, size=128)

@@ -85,7 +85,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from vllm_portable_attn.kernels import configs, unified
+from vllm_portable_attn.kernels import configs
 from vllm_portable_attn.kernels.cache_write import write_kv_cache
 from vllm_portable_attn.kernels.classify import RequestGroups, classify_requests
 from vllm_portable_attn.kernels.compile_only import run_replaced
@@ -126,8 +126,6 @@ class Target:
     fp8_dtype: torch.dtype | None  # the platform's fp8 KV-cache type; None: fp8 KV refused
     # Shared memory / LDS one program may use; Triton refuses to launch a kernel asking more.
     max_shared: int
-    # SMs (CUs): whether a split-KV grid is narrow, and so which table row it reads, hangs on it.
-    num_sms: int
 
     def gpu_target(self) -> GPUTarget:
         return GPUTarget(self.backend, self.arch, self.warp_size)
@@ -147,12 +145,12 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         # A100: 163 KiB of shared memory per block (opt-in); H100/H200: 227 KiB.
-        Target("sm80", "cuda", 80, 32, "ampere", None, 166912, 108),
-        Target("sm90", "cuda", 90, 32, "hopper", torch.float8_e4m3fn, 232448, 132),
+        Target("sm80", "cuda", 80, 32, "ampere", None, 166912),
+        Target("sm90", "cuda", 90, 32, "hopper", torch.float8_e4m3fn, 232448),
         # vLLM's ROCm platform uses the fnuz fp8 variant on gfx94x, OCP e4m3fn on gfx950.
         # LDS per workgroup: 64 KiB on MI300, 160 KiB on MI350.
-        Target("gfx942", "hip", "gfx942", 64, "cdna", torch.float8_e4m3fnuz, 65536, 304),
-        Target("gfx950", "hip", "gfx950", 64, "cdna", torch.float8_e4m3fn, 163840, 256),
+        Target("gfx942", "hip", "gfx942", 64, "cdna", torch.float8_e4m3fnuz, 65536),
+        Target("gfx950", "hip", "gfx950", 64, "cdna", torch.float8_e4m3fn, 163840),
     )
 }
 
@@ -178,6 +176,7 @@ class Scenario:
     page_size: int = 16
     max_query_len: int = 1
     num_segments: int = 1
+    narrow_split: bool = False  # a split over few requests (the *_split_narrow rows)
     num_kv_heads: int = 8
     sliding_window: int | None = None
     softcap: float | None = None
@@ -202,7 +201,7 @@ class Scenario:
             phase,
         ]
         if self.num_segments > 1:
-            parts.append(f"split{self.num_segments}")
+            parts.append(f"split{self.num_segments}" + ("narrow" if self.narrow_split else ""))
         features = [
             ("swa", self.sliding_window is not None),
             ("softcap", self.softcap is not None),
@@ -249,11 +248,11 @@ def default_scenarios() -> list[Scenario]:
     s += [replace(mixed, gqa=g) for g in (1, 3, 8)]
     s += [replace(decode, gqa=3)]
     s += [replace(decode, gqa=g, max_query_len=4) for g in (4, 8)]
-    # Spec-verify split: 16 rows (spec_split), 32 (spec_split_tall), and a grid of 4 requests
-    # x 2 KV heads (narrow on every target: the *_split_narrow rows), decode split too.
+    # Spec-verify split: 16 rows (spec_split), 32 (spec_split_tall), and narrow grids (the
+    # *_split_narrow rows), decode split too.
     spec_split = replace(decode, max_query_len=4, num_segments=8)
     s += [spec_split, replace(spec_split, max_query_len=8)]
-    s += [replace(p, num_kv_heads=2) for p in (spec_split, replace(decode, num_segments=8))]
+    s += [replace(p, narrow_split=True) for p in (spec_split, replace(decode, num_segments=8))]
     s += [replace(mixed, page_size=64)]
     # Split-KV partials and the merge; 32 segments at D 256 is the merge's largest tile.
     s += [replace(decode, num_segments=8), replace(decode, head_size=256, num_segments=32)]
@@ -332,17 +331,15 @@ def _recording(launches: list[Launch], scenario: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _config_arch(target: Target) -> Iterator[None]:
-    """Make configs look up `target`'s rows, and the launchers count its SMs, as they would on
-    that hardware."""
-    original_arch, original_sms = configs._arch, unified.device_num_sms
-    configs._arch = lambda: target.table_arch
-    unified.device_num_sms = lambda device: target.num_sms
+def _config_arch(table_arch: str) -> Iterator[None]:
+    """Make configs look up `table_arch`'s rows, as they would on that hardware."""
+    original = configs._arch
+    configs._arch = lambda: table_arch
     configs.attention_config.cache_clear()
     try:
         yield
     finally:
-        configs._arch, unified.device_num_sms = original_arch, original_sms
+        configs._arch = original
         configs.attention_config.cache_clear()
 
 
@@ -431,6 +428,7 @@ def _run_scenario(sc: Scenario, target: Target, device: str = "meta") -> None:
         v_scale=v_scale,
         num_segments=sc.num_segments,
         workspace=workspace,
+        narrow_split=sc.narrow_split,
     )
     if sc.route == "unified":
         unified_attention(
@@ -544,7 +542,7 @@ def collect_jobs(scenarios: list[Scenario], targets: list[Target]) -> list[Compi
     """
     jobs: dict[str, CompileJob] = {}
     for target in targets:
-        with _config_arch(target):
+        with _config_arch(target.table_arch):
             for sc in scenarios:
                 if sc.dtype in _FP8_KV and target.cache_dtype(sc.dtype) is None:
                     continue

@@ -269,6 +269,7 @@ class PortableAttentionImpl(AttentionImpl[PortableAttentionMetadata]):
             v_scale=v_scale,
             num_segments=md.num_segments,
             workspace=md.workspace,
+            narrow_split=md.narrow_split,
         )
         lengths = (md.query_start_loc, md.seq_lens, md.block_table)
         query, output = query[:num_tokens], output[:num_tokens]

@@ -59,6 +59,7 @@ from vllm_portable_attn.kernels import (
     classify_requests,
     device_num_sms,
     group_sizes,
+    is_narrow_split,
 )
 from vllm_portable_attn.kernels.configs import (
     TMA_PREFILL_HEAD_SIZES,
@@ -87,6 +88,8 @@ class PortableAttentionMetadata(AttentionMetadata):
     slot_mapping: torch.Tensor  # [num_tokens] int64, -1 for padded tokens
     num_segments: int  # split-KV segments per sequence; 1 = no split
     workspace: SplitKVWorkspace | None  # set whenever this builder can split
+    # A split over few (request, KV head) pairs: its launches read the *_split_narrow rows.
+    narrow_split: bool
     # This step's classification: every step on the grouped route; on the unified route only
     # a step classified for the TMA prefill (see the module docstring), else None.
     request_groups: RequestGroups | None
@@ -214,15 +217,12 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
 
     def precompile_plan(self) -> PrecompilePlan:
         """The launches this builder's steps can take, for precompile.py."""
-        segment_counts = {1}
+        splits = {(1, False)}
         if self.workspace is not None:
             # The choice depends on the request count only, once a batch may split at all.
-            segment_counts |= {
-                choose_num_segments(n, n, 1, self.num_kv_heads, self.num_sms)
-                for n in range(1, self.workspace.max_tokens + 1)
-            }
+            splits |= {self._split(n, n, 1) for n in range(1, self.workspace.max_tokens + 1)}
         return PrecompilePlan(
-            segment_counts=tuple(sorted(segment_counts)),
+            splits=tuple(sorted(splits)),
             tma_prefill_tokens=self._tma_prefill_tokens(),
             request_groups=self.request_groups,
         )
@@ -272,18 +272,13 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         if getattr(cm, "causal", True) is not True:
             raise ValueError("non-causal decoder attention is not supported")
 
-        num_segments = 1
-        if self.workspace is not None:
-            num_segments = choose_num_segments(
-                cm.num_actual_tokens,
-                cm.num_reqs,
-                cm.max_query_len,
-                self.num_kv_heads,
-                self.num_sms,
+        num_segments, narrow_split = 1, False
+        if self.workspace is not None and cm.num_actual_tokens <= self.workspace.max_tokens:
+            # (The policy already refuses batches past the workspace; the bound guards
+            # against a policy change.)
+            num_segments, narrow_split = self._split(
+                cm.num_actual_tokens, cm.num_reqs, cm.max_query_len
             )
-            if cm.num_actual_tokens > self.workspace.max_tokens:
-                # The policy already refuses such batches; guard against a policy change.
-                num_segments = 1
 
         request_groups = group_sizes = None
         if self.route == "grouped" or self._may_take_tma_prefill(cm.num_actual_tokens):
@@ -311,10 +306,19 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             slot_mapping=cm.slot_mapping,
             num_segments=num_segments,
             workspace=self.workspace,
+            narrow_split=narrow_split,
             request_groups=request_groups,
             group_sizes=group_sizes,
             precompile=self.precompile,
         )
+
+    def _split(self, num_tokens: int, num_reqs: int, max_query_len: int) -> tuple[int, bool]:
+        """A step's split-KV segment count and whether its split grid is narrow."""
+        num_segments = choose_num_segments(
+            num_tokens, num_reqs, max_query_len, self.num_kv_heads, self.num_sms
+        )
+        narrow = num_segments > 1 and is_narrow_split(num_reqs * self.num_kv_heads, self.num_sms)
+        return num_segments, narrow
 
     def _may_take_tma_prefill(self, num_tokens: int) -> bool:
         """Unified route: whether `num_tokens` reach the TMA prefill's minimum. Tested first on

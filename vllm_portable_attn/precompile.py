@@ -9,13 +9,15 @@ then warns "Triton kernel JIT compilation during inference"; NOTES.md, session F
 How: the first eager step of each layer (which vLLM runs in its warm-up, before the monitor
 starts) also runs the layer's attention once per *step shape* it can later meet, under
 `kernels.compile_only`: the same dispatch code and the same tensors as the real step, only the
-host-side facts that pick the launches replaced (the longest query, the split-KV segment count,
-whether the step is classified and how large its fresh prefills are). The tensors' strides and
+host-side facts that pick the launches replaced (the longest query, the split-KV segment count
+and whether its grid is narrow, whether the step is classified and how large its fresh prefills
+are). The tensors' strides and
 alignments are then exactly those of later steps, which is what Triton's specialisations are
 keyed on; nothing is launched, so their contents do not matter.
 
 Which shapes: each query length up to the decode bound (every spec-verify tile) and one longer
-(the prefill-shaped tiles), each with every segment count the builder can choose; on a GPU with
+(the prefill-shaped tiles), each with every segment count the builder can choose (over a
+narrow grid and a wide one where both occur); on a GPU with
 the TMA prefill, each of those again as a classified step whose fresh prefills reach its
 minimum. Layer features (windows, soft caps, fp8 caches, KV sharing) are the layer's own, so
 the dispatch leaves out what the layer never launches.
@@ -42,7 +44,8 @@ logger = get_logger(__name__)
 class PrecompilePlan:
     """What a builder knows about the launches its steps can take (fixed at its start)."""
 
-    segment_counts: tuple[int, ...]  # every split-KV segment count `build` can choose, 1 included
+    # Every (split-KV segment count, narrow grid) pair `build` can choose, (1, False) included.
+    splits: tuple[tuple[int, bool], ...]
     # Fresh-prefill tokens of a step that takes the TMA prefill; None where no step does.
     tma_prefill_tokens: int | None
     request_groups: RequestGroups  # the builder's classifier buffers
@@ -56,14 +59,18 @@ class StepShape:
     num_segments: int
     classified: bool  # sorted into request groups (the grouped route, or a TMA step)
     prefill_tokens: int | None = None  # fresh-prefill tokens, where they decide (TMA steps)
+    narrow_split: bool = False  # a split over few requests (the *_split_narrow rows)
 
 
 def step_shapes(plan: PrecompilePlan, route: str) -> list[StepShape]:
     """Every step shape a builder with this plan can hand a layer on `route`."""
     shapes = []
     for max_query_len in range(1, MAX_DECODE_QUERY_LEN + 2):
-        segments = plan.segment_counts if max_query_len <= MAX_DECODE_QUERY_LEN else (1,)
-        shapes += [StepShape(max_query_len, s, route == "grouped") for s in segments]
+        splits = plan.splits if max_query_len <= MAX_DECODE_QUERY_LEN else ((1, False),)
+        shapes += [
+            StepShape(max_query_len, segments, route == "grouped", narrow_split=narrow)
+            for segments, narrow in splits
+        ]
         if plan.tma_prefill_tokens is not None:
             shapes.append(StepShape(max_query_len, 1, True, plan.tma_prefill_tokens))
     return shapes
@@ -107,6 +114,7 @@ def precompile_step_shapes(
                     num_actual_tokens=num_tokens,
                     max_query_len=shape.max_query_len,
                     num_segments=shape.num_segments,
+                    narrow_split=shape.narrow_split,
                     request_groups=plan.request_groups if shape.classified else None,
                     group_sizes=group_sizes,
                 )

@@ -22,6 +22,7 @@ from vllm_portable_attn.kernels.configs import (
     attention_config,
     choose_num_segments,
     count_score_features,
+    is_narrow_split,
 )
 from vllm_portable_attn.kernels.grouped import grouped_attention
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
@@ -47,6 +48,7 @@ __all__ = [
     "device_num_sms",
     "group_sizes",
     "grouped_attention",
+    "is_narrow_split",
     "merge_segments",
     "unified_attention",
     "write_kv_cache",

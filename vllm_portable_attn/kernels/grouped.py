@@ -37,13 +37,13 @@ from vllm_portable_attn.kernels.configs import (
     MAX_DECODE_QUERY_LEN,
     attention_config,
     count_score_features,
+    launch_shape,
 )
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
 from vllm_portable_attn.kernels.tma_prefill import choose_tma_prefill, tma_prefill_attention
 from vllm_portable_attn.kernels.unified import (
     head_pad,
     queries_per_kv_pad,
-    split_aware_launch_shape,
     validate_attention_inputs,
     validate_split,
 )
@@ -73,6 +73,7 @@ def grouped_attention(
     v_scale: torch.Tensor | None = None,
     num_segments: int = 1,
     workspace: SplitKVWorkspace | None = None,
+    narrow_split: bool = False,
     group_sizes: GroupSizes | None = None,
     allow_tma_prefill: bool = True,
 ) -> None:
@@ -103,8 +104,7 @@ def grouped_attention(
     decode_len = _decode_query_len(max_query_len, decode_size)
     elem = query.element_size()
     mods = count_score_features(sliding_window, softcap or None, alibi_slopes, sinks)
-    decode_seqs = decode_size[1] if decode_size else seq_lens.shape[0]
-    decode_shape = split_aware_launch_shape(decode_len, num_segments, decode_seqs, key_cache)
+    decode_shape = launch_shape(decode_len, num_segments, narrow=narrow_split)
     kv_fp8 = key_cache.dtype in FP8_DTYPES
     decode_cfg = attention_config(pad_d, pad_q, decode_len, decode_shape, elem, mods, kv_fp8)
     extend_cfg = attention_config(pad_d, pad_q, max_query_len, "prefill", elem, mods, kv_fp8)

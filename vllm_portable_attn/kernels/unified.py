@@ -11,12 +11,10 @@ import torch
 import triton
 
 from vllm_portable_attn.kernels._attention_kernel import FP8_DTYPES, launch_attention
-from vllm_portable_attn.kernels._common import device_num_sms
 from vllm_portable_attn.kernels.configs import (
     AttentionConfig,
     attention_config,
     count_score_features,
-    is_narrow_split,
     launch_shape,
 )
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
@@ -45,6 +43,7 @@ def unified_attention(
     v_scale: torch.Tensor | None = None,
     num_segments: int = 1,
     workspace: SplitKVWorkspace | None = None,
+    narrow_split: bool = False,
     config: AttentionConfig | None = None,
 ) -> None:
     """Paged attention over a mixed batch, written into `output` in place.
@@ -64,6 +63,9 @@ def unified_attention(
         softcap: c, scores become c * tanh(score / c).
         alibi_slopes, sinks: [num_heads] per-head ALiBi slopes and attention-sink logits.
         num_segments: split-KV segments per sequence (a power of two); > 1 needs `workspace`.
+        narrow_split: a split launch over few (request, KV head) pairs, which reads the
+            *_split_narrow rows (`configs.is_narrow_split`; the metadata builder decides it
+            from the request count, so it is fixed per CUDA graph and precompiled).
         config: tile configuration; None looks it up in the per-architecture table. Only
             benchmarks and config sweeps pass one.
     """
@@ -76,7 +78,7 @@ def unified_attention(
         head_pad(query.shape[2]),
         queries_per_kv_pad(query, key_cache),
         max_query_len,
-        split_aware_launch_shape(max_query_len, num_segments, seq_lens.shape[0], key_cache),
+        launch_shape(max_query_len, num_segments, narrow=narrow_split),
         query.element_size(),
         count_score_features(sliding_window, softcap or None, alibi_slopes, sinks),
         kv_fp8=key_cache.dtype in FP8_DTYPES,
@@ -89,17 +91,6 @@ def unified_attention(
     )  # fmt: skip
     if num_segments > 1:
         merge_segments(output, workspace, query_start_loc, num_segments)
-
-
-def split_aware_launch_shape(
-    max_query_len: int, num_segments: int, grid_seqs: int, key_cache: torch.Tensor
-) -> str:
-    """`launch_shape` of a paged launch whose grid covers `grid_seqs` requests: a split grid
-    of few (request, KV head) pairs reads the narrow rows."""
-    narrow = num_segments > 1 and is_narrow_split(
-        grid_seqs * key_cache.shape[2], device_num_sms(key_cache.device)
-    )
-    return launch_shape(max_query_len, num_segments, narrow=narrow)
 
 
 def head_pad(head_size: int) -> int:

@@ -11,16 +11,15 @@ starts) also runs the layer's attention once per *step shape* it can later meet,
 `kernels.compile_only`: the same dispatch code and the same tensors as the real step, only the
 host-side facts that pick the launches replaced (the longest query, the split-KV segment count
 and whether its grid is narrow, whether the step is classified and how large its fresh prefills
-are). The tensors' strides and
-alignments are then exactly those of later steps, which is what Triton's specialisations are
-keyed on; nothing is launched, so their contents do not matter.
+are). The tensors' strides and alignments are then exactly those of later steps, which is what
+Triton's specialisations are keyed on; nothing is launched, so their contents do not matter.
 
 Which shapes: each query length up to the decode bound (every spec-verify tile) and one longer
-(the prefill-shaped tiles), each with every segment count the builder can choose (over a
-narrow grid and a wide one where both occur); on a GPU with
-the TMA prefill, each of those again as a classified step whose fresh prefills reach its
-minimum. Layer features (windows, soft caps, fp8 caches, KV sharing) are the layer's own, so
-the dispatch leaves out what the layer never launches.
+(the prefill-shaped tiles), each with every segment count the builder can choose (over a narrow
+grid and a wide one where both occur); on a GPU with the TMA prefill, each of those again as a
+classified step whose fresh prefills reach its minimum. Layer features (windows, soft caps, fp8
+caches, KV sharing) are the layer's own, so the dispatch leaves out what the layer never
+launches.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@
 #   page_order     shuffled vs consecutive block ids: what the page scatter costs
 #   spec           spec-verify tiles: the tall unsplit tile (q8 at GQA 4) and the split one
 #                  (goal K3; q8 was the shape under 0.90x FA3 in session I)
-#   slices         the key tiles a split-KV slice prefers (configs._SPLIT_SLICES, each row's
-#                  fill waves kept): decode on small batches of 1k-32k keys, and spec-verify
+#   slices         the key tiles a split-KV slice prefers and the waves its slices fill
+#                  (configs._SPLIT_SLICES): decode on small batches of 1k-32k keys, and the
+#                  16-row and tall spec-verify rows
 #   split_rows     the split rows of 33412ce against the rows before it (128-key tiles,
 #                  2-tile decode slices) on every decode and spec-verify case, and the narrow
 #                  rows against the wide ones on the one- and two-request cases
@@ -35,8 +36,10 @@ PREFILL_CASES=prefill_b1_8k,prefill_b4_4k,prefill_b16_1k,mixed_2p2k_32d1k
 PAGED_CASES=prefill_b1_8k,extend_b4_q512_ctx8k,mixed_2p2k_32d1k
 TALL_SPEC_CASES=spec_q8_b32_ctx8k,spec_q8_b32_ctx32k
 SPLIT_SPEC_CASES=spec_q8_b8_ctx32k,spec_q4_b8_ctx32k,spec_q2_b8_ctx32k,spec_q8_b1_ctx32k
-SLICE_DECODE_CASES=decode_b8_ctx1k,decode_b8_ctx2k,decode_b16_ctx1k,decode_b16_ctx4k,decode_b8_ctx16k,decode_b4_ctx32k,decode_b1_ctx8k
+SLICE_DECODE_CASES=decode_b8_ctx1k,decode_b8_ctx2k,decode_b16_ctx1k,decode_b16_ctx4k,decode_b8_ctx16k
+SLICE_DECODE_CASES+=,decode_b4_ctx32k,decode_b32_ctx2k,decode_b2_ctx16k,decode_b16_ctx16k
 SLICE_SPEC_CASES=spec_q8_b8_ctx8k,spec_q4_b8_ctx8k,spec_q8_b8_ctx32k,spec_q4_b8_ctx64k,spec_q8_b1_ctx8k
+SLICE_SPEC_CASES+=,spec_q8_b8_ctx64k,spec_q2_b32_ctx32k
 NARROW_CASES=decode_b1_ctx8k,decode_b1_ctx32k,decode_b1_ctx128k,decode_b2_ctx4k,decode_b2_ctx16k
 NARROW_CASES+=,decode_b2_ctx64k,spec_q2_b1_ctx32k,spec_q4_b1_ctx8k,spec_q4_b1_ctx32k
 Q8_CASES=spec_q8_b1_ctx8k,spec_q8_b1_ctx32k,spec_q8_b8_ctx8k,spec_q8_b8_ctx32k,spec_q8_b8_ctx64k
@@ -92,14 +95,18 @@ sweep_spec() {
 }
 
 sweep_slices() {
-  local tiles
-  for tiles in 2 4 8 16; do
+  local slice
+  # The wide decode row (8 tiles over 4 waves): B16 x 4k and B32 x 2k at 0.90x FA3 run 8-wave
+  # grids of 8-tile slices; 16 tiles halves them.
+  for slice in 8x4 16x4 8x2 16x2; do
     "${BENCH[@]}" --providers portable --cases "$SLICE_DECODE_CASES" --cudagraph \
-      --table "decode_split_slice=$tiles"
+      --table "decode_split_slice=$slice"
   done
-  for tiles in 8 16 32; do
+  # The 64-key spec row (16-row blocks) and the 128-key tall row (q8): at 9b5a473, 32-tile
+  # slices of the 128-key row ran q8 B8 x 32k 3% faster than 16 (296.1 vs 306.0 us).
+  for slice in 16 32; do
     "${BENCH[@]}" --providers portable --cases "$SLICE_SPEC_CASES" --cudagraph \
-      --table "spec_split_slice=$tiles"
+      --table "spec_split_slice=$slice,spec_split_tall_slice=$slice"
   done
 }
 

@@ -267,16 +267,16 @@ def _split_policy(inp: Inputs, args: argparse.Namespace) -> tuple[int, Any, bool
         MAX_SEGMENTS,
         MAX_SPLIT_TOKENS,
         SplitKVWorkspace,
-        choose_num_segments,
-        is_narrow_split,
+        choose_split,
     )
 
     case, geo = inp.case, inp.geo
-    num_sms = _num_sms(inp.device)
-    segs = args.segments or choose_num_segments(
-        case.num_tokens, case.num_reqs, case.max_query_len, geo.num_kv_heads, num_sms
+    segs, narrow = choose_split(
+        case.num_tokens, case.num_reqs, case.max_query_len, geo.num_kv_heads, _num_sms(inp.device)
     )
-    narrow = segs > 1 and is_narrow_split(case.num_reqs * geo.num_kv_heads, num_sms)
+    # --segments forces the count; the width stays the policy's (a batch the policy leaves
+    # unsplit is never narrow: it has many requests or prefill-shaped tiles).
+    segs = args.segments or segs
     ws = None
     if segs > 1:
         # Sized like the metadata builder sizes it: once, for the largest split batch.

@@ -41,8 +41,7 @@ def probe_case(
 
     from vllm_portable_attn.kernels import (
         SplitKVWorkspace,
-        choose_num_segments,
-        is_narrow_split,
+        choose_split,
         merge_segments,
         unified_attention,
     )
@@ -62,8 +61,7 @@ def probe_case(
     query_start_loc, seq_lens = inp.query_start_loc, inp.seq_lens
     workspace = SplitKVWorkspace.allocate(64, NUM_HEADS, HEAD_SIZE, 32, device)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    policy = choose_num_segments(batch, batch, 1, NUM_KV_HEADS, num_sms)
-    narrow = is_narrow_split(batch * NUM_KV_HEADS, num_sms)
+    policy, narrow = choose_split(batch, batch, 1, NUM_KV_HEADS, num_sms)
     scale = HEAD_SIZE**-0.5
 
     def attention(segments: int, merge: bool) -> Callable[[], None]:

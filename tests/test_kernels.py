@@ -175,10 +175,14 @@ def test_fill_segments() -> None:
 
 def test_narrow_split_grids_have_under_one_pair_per_12_sms() -> None:
     """On 132 SMs one request at 8 KV heads makes a narrow grid, two a wide one; on 114 (H100
-    PCIe) too."""
+    PCIe) too. An unsplit step is never narrow."""
     for num_sms in (132, 114):
         assert configs.is_narrow_split(8, num_sms)
         assert not configs.is_narrow_split(16, num_sms)
+    assert configs.choose_split(1, 1, 1, 8, 132) == (32, True)
+    assert configs.choose_split(2, 2, 1, 8, 132) == (32, False)
+    assert configs.choose_split(4, 1, 4, 8, 132) == (32, True)  # one spec-verify request
+    assert configs.choose_split(9, 1, 9, 8, 132) == (1, False)  # prefill-shaped
 
 
 @pytest.mark.parametrize(

@@ -55,11 +55,10 @@ from vllm_portable_attn.kernels import (
     GroupSizes,
     RequestGroups,
     SplitKVWorkspace,
-    choose_num_segments,
+    choose_split,
     classify_requests,
     device_num_sms,
     group_sizes,
-    is_narrow_split,
 )
 from vllm_portable_attn.kernels.configs import (
     TMA_PREFILL_HEAD_SIZES,
@@ -220,7 +219,10 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         splits = {(1, False)}
         if self.workspace is not None:
             # The choice depends on the request count only, once a batch may split at all.
-            splits |= {self._split(n, n, 1) for n in range(1, self.workspace.max_tokens + 1)}
+            splits |= {
+                choose_split(n, n, 1, self.num_kv_heads, self.num_sms)
+                for n in range(1, self.workspace.max_tokens + 1)
+            }
         return PrecompilePlan(
             splits=tuple(sorted(splits)),
             tma_prefill_tokens=self._tma_prefill_tokens(),
@@ -276,8 +278,12 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
         if self.workspace is not None and cm.num_actual_tokens <= self.workspace.max_tokens:
             # (The policy already refuses batches past the workspace; the bound guards
             # against a policy change.)
-            num_segments, narrow_split = self._split(
-                cm.num_actual_tokens, cm.num_reqs, cm.max_query_len
+            num_segments, narrow_split = choose_split(
+                cm.num_actual_tokens,
+                cm.num_reqs,
+                cm.max_query_len,
+                self.num_kv_heads,
+                self.num_sms,
             )
 
         request_groups = group_sizes = None
@@ -311,14 +317,6 @@ class PortableAttentionMetadataBuilder(AttentionMetadataBuilder[PortableAttentio
             group_sizes=group_sizes,
             precompile=self.precompile,
         )
-
-    def _split(self, num_tokens: int, num_reqs: int, max_query_len: int) -> tuple[int, bool]:
-        """A step's split-KV segment count and whether its split grid is narrow."""
-        num_segments = choose_num_segments(
-            num_tokens, num_reqs, max_query_len, self.num_kv_heads, self.num_sms
-        )
-        narrow = num_segments > 1 and is_narrow_split(num_reqs * self.num_kv_heads, self.num_sms)
-        return num_segments, narrow
 
     def _may_take_tma_prefill(self, num_tokens: int) -> bool:
         """Unified route: whether `num_tokens` reach the TMA prefill's minimum. Tested first on

@@ -21,8 +21,8 @@ from vllm_portable_attn.kernels.configs import (
     MAX_SPLIT_TOKENS,
     attention_config,
     choose_num_segments,
+    choose_split,
     count_score_features,
-    is_narrow_split,
 )
 from vllm_portable_attn.kernels.grouped import grouped_attention
 from vllm_portable_attn.kernels.split_kv import SplitKVWorkspace, merge_segments
@@ -42,13 +42,13 @@ __all__ = [
     "SplitKVWorkspace",
     "attention_config",
     "choose_num_segments",
+    "choose_split",
     "choose_tma_prefill",
     "classify_requests",
     "count_score_features",
     "device_num_sms",
     "group_sizes",
     "grouped_attention",
-    "is_narrow_split",
     "merge_segments",
     "unified_attention",
     "write_kv_cache",

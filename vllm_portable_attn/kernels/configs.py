@@ -411,6 +411,16 @@ def choose_num_segments(
     return min(MAX_SEGMENTS, triton.next_power_of_2(triton.cdiv(4 * num_sms, programs)))
 
 
+def choose_split(
+    num_tokens: int, num_reqs: int, max_query_len: int, num_kv_heads: int, num_sms: int
+) -> tuple[int, bool]:
+    """A step's split-KV choice, as the launchers take it (`num_segments`, `narrow_split`): the
+    segment count (`choose_num_segments`) and whether that split grid is narrow."""
+    num_segments = choose_num_segments(num_tokens, num_reqs, max_query_len, num_kv_heads, num_sms)
+    narrow = num_segments > 1 and is_narrow_split(max(num_reqs, 1) * num_kv_heads, num_sms)
+    return num_segments, narrow
+
+
 def fill_segments(
     programs_per_segment: int, num_segments: int, num_sms: int, waves: int = FILL_WAVES
 ) -> int:

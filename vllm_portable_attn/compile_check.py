@@ -263,7 +263,8 @@ def default_scenarios() -> list[Scenario]:
     # pure decode batch with split-KV, fp8 (prefill through the cache), every feature.
     grouped = Scenario("grouped", max_query_len=_MIXED)
     s += [grouped, Scenario("grouped", num_segments=8)]
-    s += [replace(decode, dtype="fp8", num_segments=8)]  # fp8 dequantised in the split tile
+    # fp8 dequantised in the split decode and spec-verify tiles.
+    s += [replace(decode, dtype="fp8", num_segments=8, max_query_len=q) for q in (1, 4)]
     s += [replace(grouped, dtype=t) for t in _FP8_KV]
     s += [replace(grouped, **_ALL_FEATURES), replace(grouped, kv_sharing=True)]
     # Long prefills: the TMA prefill on sm_90, in both 16-bit types. (Head 64 on the grouped

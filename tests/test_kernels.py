@@ -188,10 +188,10 @@ def test_narrow_split_grids_have_under_one_pair_per_12_sms() -> None:
 @pytest.mark.parametrize(
     ("max_query_len", "shape", "tile_n", "segment_tiles", "fill_waves"),
     [
-        (1, "decode_split", 64, 8, 4),
+        (1, "decode_split", 64, 16, 4),
         (1, "decode_split_narrow", 128, 2, 2),
         (4, "spec_split", 64, 16, 2),  # 16 rows at 4 query heads per KV head
-        (8, "spec_split", 128, 16, 2),  # 32 rows: the spec_split_tall row
+        (8, "spec_split", 128, 32, 2),  # 32 rows: the spec_split_tall row
         (4, "spec_split_narrow", 128, 16, 2),
     ],
 )

@@ -133,11 +133,11 @@ _TABLE: dict[tuple[str, str], tuple[int, int, int, int]] = {
     # us) and the same below (H200, 2026-11-30, every decode case of bench.py).
     ("hopper", "decode"): (16, 64, 4, 2),
     # Split decode, wide grids (two or more requests at 8 KV heads): 64-key tiles (on sm_90
-    # 38 KiB of shared memory against 72 KiB: more programs per SM) in slices of up to 8
-    # tiles over four waves (`_SPLIT_SLICES`) beat 128-key tiles in 2-tile slices by 5-19%
-    # (H200, CUDA graphs: B8 x 1k 19.0 vs 20.7 us, B8 x 2k 27.5 vs 32.8, B16 x 1k 28.0 vs
-    # 33.5, B4 x 8k 42.7 vs 53.0, B8 x 16k 137.8 vs 145.9, B32 x 2k 80.9 vs 89.3; FA3 18.7 /
-    # 26.9 / 26.4 / 41.8 / 133.5 / 73.3); two requests 6-18% at 1k-128k keys (B2 x 16k 42.8 vs
+    # 38 KiB of shared memory against 72 KiB: more programs per SM) in slices of 8 tiles
+    # over four waves (now up to 16: `_SPLIT_SLICES`) beat 128-key tiles in 2-tile slices by
+    # 5-19% (H200, CUDA graphs: B8 x 1k 19.0 vs 20.7 us, B8 x 2k 27.5 vs 32.8, B16 x 1k 28.0
+    # vs 33.5, B4 x 8k 42.7 vs 53.0, B8 x 16k 137.8 vs 145.9, B32 x 2k 80.9 vs 89.3; FA3 18.7
+    # / 26.9 / 26.4 / 41.8 / 133.5 / 73.3); two requests 6-18% at 1k-128k keys (B2 x 16k 42.8 vs
     # 50.9, x 64k 132.7 vs 162.3; FA3 41.7 / 133.6). One request (a narrow grid) lost 4-35%
     # with them (B1 x 32k 52.5 vs 43.5, x 128k 184 vs 136.5), so it keeps 128-key tiles
     # (likely: with few programs per SM, a wider step keeps more bytes in flight). Two stages,
@@ -268,18 +268,21 @@ _FP8_KV_ROWS = {("hopper", "decode"): (16, 64, 4, 3), ("hopper", "spec_tall"): (
 #   slice) at 8k keys: four slices of 16 tiles beat the policy's sixteen slices of 4 tiles by
 #   24% at q8 (86.5 vs 106.9 us; FA3 72.4); at 32k-64k sixteen 16-tile slices were as fast or
 #   3-5% faster than four; one request over 8k keys kept its 32 two-tile slices (20-22 us; 4
-#   slices took 51 us), which `fill_segments` preserves.
+#   slices took 51 us), which `fill_segments` preserves. The tall row then took 32-tile slices:
+#   q8 B8 x 32k 295.9 vs 306.1 us, B8 x 8k / 64k and B1 x 8k within 0.3% (2026-11-30).
 # - spec_split (64-key tiles): the same 1k keys a slice, 16 tiles, were best at q4 B8 x 8k
 #   (77.4 us; 8 tiles 84.2, 24 87.1, 32 109.3).
 # - decode_split (64-key tiles): the best slice count gave about four waves of programs at
 #   every batch of 4-32 requests (B8 x 1k: 2-tile slices 19.0 us, 4-tile 21.8; B8 x 2k: 4
-#   tiles 27.5, 8 34.4; B4 x 8k: 8 tiles 42.7, 4 48.9): up to 8 tiles over four waves gives
-#   each of those.
+#   tiles 27.5, 8 34.4; B4 x 8k: 8 tiles 42.7, 4 48.9). Up to 16 tiles over four waves gives
+#   each of those and shortens the 8-wave grids of 16-32 requests at 2k-4k keys: B16 x 4k
+#   74.1 vs 79.2 us with 8 tiles, B32 x 2k 75.9 vs 81.1 (FA3 71.5 / 72.8); nine other cases of
+#   1k-32k keys within 0.4% (2026-11-30).
 # The interpreter's row is small so that CPU tests cover slices cut short by it.
 _SPLIT_SLICES = {
-    ("hopper", "decode_split"): (8, 4),
+    ("hopper", "decode_split"): (16, 4),
     ("hopper", "spec_split"): (16, FILL_WAVES),
-    ("hopper", "spec_split_tall"): (16, FILL_WAVES),
+    ("hopper", "spec_split_tall"): (32, FILL_WAVES),
     ("hopper", "spec_split_narrow"): (16, FILL_WAVES),
     ("interpreter", "spec_split"): (3, FILL_WAVES),
 }

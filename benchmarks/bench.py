@@ -319,7 +319,8 @@ def _override_config_table(spec: str) -> None:
     """--table: replace rows of our config table for this run, e.g. 'prefill_dense=128x128x8x2'
     ('prefill_tma=ROWSxKEYSxWARPSxSTAGES' and 'prefill_tma_min=PROGRAMS' for the TMA prefill;
     'SHAPE_slice=TILES' or 'SHAPE_slice=TILESxWAVES' for the key tiles a split-KV slice of that
-    shape prefers, and the waves of programs its slices fill).
+    shape prefers, and the waves of programs its slices fill; 'SHAPE_lookahead=1' or 0 for
+    whether that shape's paged loop looks its pages up a tile ahead).
 
     Unlike portable@CONFIG (one config for every launch of the unified kernel), this changes
     what the table hands both routes for one launch shape, so the grouped route can be swept.
@@ -341,6 +342,11 @@ def _override_config_table(spec: str) -> None:
             key = (arch, shape.removesuffix("_slice"))
             waves = configs._SPLIT_SLICES.get(key, (0, configs.FILL_WAVES))[1]
             configs._SPLIT_SLICES[key] = (row[0], row[1] if len(row) > 1 else waves)
+        elif shape.endswith("_lookahead") and shape.removesuffix("_lookahead") in configs.SHAPES:
+            # 1 or 0: whether that shape's paged loop looks its pages up a tile ahead.
+            (on,) = row
+            lookahead = configs._PAGE_LOOKAHEAD_SHAPES
+            (lookahead.add if on else lookahead.discard)(shape.removesuffix("_lookahead"))
         elif shape in configs.SHAPES:
             configs._TABLE[(arch, shape)] = row
         else:
@@ -1408,7 +1414,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(shapes: those of configs.SHAPES, and prefill_tma: the TMA prefill's tile, its "
         "minimum unchanged); prefill_tma_min=N sets that minimum (query blocks x heads); "
         "SHAPE_slice=N or NxW (a split shape, e.g. decode_split_slice=8x4) the key tiles its "
-        "slices prefer and the waves of programs they fill",
+        "slices prefer and the waves of programs they fill; SHAPE_lookahead=1 or 0 whether its "
+        "paged loop looks its pages up a tile ahead",
     )
     kp.add_argument(
         "--segments",

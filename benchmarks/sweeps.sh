@@ -21,6 +21,8 @@
 #                  rows against the wide ones on the one- and two-request cases
 #   spec_blocks    q8 at GQA 4 (32 rows) cut into two 16-row blocks per request (K/V read
 #                  twice, L2 permitting once), through --configs
+#   lookahead      page lookahead (`SHAPE_lookahead=1`) for the spec-verify and decode rows,
+#                  with tiles whose pipeline then holds two or three K/V buffers
 #   ncu            Nsight Compute sections for the paged and the dense prefill (one launch each)
 # Correctness is not re-checked here (no reference, no FA3): the tests cover every config.
 
@@ -44,6 +46,10 @@ NARROW_CASES=decode_b1_ctx8k,decode_b1_ctx32k,decode_b1_ctx128k,decode_b2_ctx4k,
 NARROW_CASES+=,decode_b2_ctx64k,spec_q2_b1_ctx32k,spec_q4_b1_ctx8k,spec_q4_b1_ctx32k
 Q8_CASES=spec_q8_b1_ctx8k,spec_q8_b1_ctx32k,spec_q8_b8_ctx8k,spec_q8_b8_ctx32k,spec_q8_b8_ctx64k
 Q8_CASES+=,spec_q8_b32_ctx8k,spec_q8_b32_ctx32k
+SPEC_CASES=$Q8_CASES,spec_q4_b1_ctx32k,spec_q4_b8_ctx8k,spec_q4_b8_ctx32k,spec_q4_b32_ctx8k
+SPEC_CASES+=,spec_q4_b32_ctx32k,spec_q2_b8_ctx32k,spec_q2_b32_ctx8k
+DECODE_CASES=decode_b1_ctx32k,decode_b8_ctx16k,decode_b16_ctx4k,decode_b32_ctx2k
+DECODE_CASES+=,decode_b64_ctx8k,decode_b128_ctx2k
 
 sweep_decode_split() {
   local tile segs
@@ -122,6 +128,26 @@ sweep_split_rows() {
 sweep_spec_blocks() {
   "${BENCH[@]}" --providers portable --cases "$Q8_CASES" --cudagraph \
     --configs 16x64x4x2,16x128x4x2,16x64x4x3
+}
+
+sweep_lookahead() {
+  # Without the lookahead the sm_90 pipeliner keeps one K/V buffer per program and waits for
+  # each tile at the top of the iteration that reads it (configs.uses_page_lookahead); with it
+  # and three stages, two buffers: one tile loads while the other is used.
+  local spec=spec_lookahead=1,spec_tall_lookahead=1,spec_split_lookahead=1
+  spec+=,spec_split_tall_lookahead=1,spec_split_narrow_lookahead=1
+  local split3=spec_split=16x64x4x3,spec_split_tall=16x128x4x3,spec_split_narrow=16x128x4x3
+  local keys64=spec=16x64x8x3,spec_tall=16x64x4x3,spec_split=16x64x4x4
+  keys64+=,spec_split_tall=16x64x4x3,spec_split_narrow=16x64x4x3
+  local variant
+  for variant in "" "$spec" "$spec,$split3" "$spec,$keys64"; do
+    "${BENCH[@]}" --providers portable --cases "$SPEC_CASES" --cudagraph ${variant:+--table "$variant"}
+  done
+  local decode=decode=16x64x4x3,decode_lookahead=1,decode_split=16x64x4x3
+  decode+=,decode_split_lookahead=1,decode_split_narrow=16x128x4x3,decode_split_narrow_lookahead=1
+  for variant in "" "$decode"; do
+    "${BENCH[@]}" --providers portable --cases "$DECODE_CASES" --cudagraph ${variant:+--table "$variant"}
+  done
 }
 
 sweep_ncu() {

@@ -368,14 +368,21 @@ def attention_config(
     )
 
 
+# The launch shapes whose paged loop looks its pages up a tile ahead (`uses_page_lookahead`).
+_PAGE_LOOKAHEAD_SHAPES = {"prefill"}
+
+
 def uses_page_lookahead(shape: str, num_stages: int) -> bool:
     """Whether a paged launch looks its pages up a tile ahead (see `_attend_tiles`).
 
-    Prefill tiles gain from it (H200: +20-26%); decode tiles lost 18%. The lookahead feeds the
-    software pipeline: a single stage has none, and there it only adds live registers (spills
-    with ALiBi on gfx950).
+    Without it Triton's pipeliner keeps a single K/V buffer and waits for each tile's copy at
+    the top of the iteration that reads it (sm_90 TTGIR), so one program never overlaps its
+    own loads with its dots: latency is hidden only by other programs on the SM. Prefill tiles
+    gain from it (H200: +20-26%); decode tiles lost 18%. The lookahead feeds the software
+    pipeline: a single stage has none, and there it only adds live registers (spills with
+    ALiBi on gfx950).
     """
-    return shape == "prefill" and num_stages > 1
+    return shape in _PAGE_LOOKAHEAD_SHAPES and num_stages > 1
 
 
 def loads_keys_as_rows(shape: str, arch: str) -> bool:

@@ -276,7 +276,7 @@ _FP8_KV_ROWS = {("hopper", "decode"): (16, 64, 4, 3), ("hopper", "spec_tall"): (
 #   every batch of 4-32 requests (B8 x 1k: 2-tile slices 19.0 us, 4-tile 21.8; B8 x 2k: 4
 #   tiles 27.5, 8 34.4; B4 x 8k: 8 tiles 42.7, 4 48.9). Up to 16 tiles over four waves gives
 #   each of those and shortens the 8-wave grids of 16-32 requests at 2k-4k keys: B16 x 4k
-#   74.1 vs 79.2 us with 8 tiles, B32 x 2k 75.9 vs 81.1 (FA3 71.5 / 72.8); nine other cases of
+#   74.1 vs 79.2 us with 8 tiles, B32 x 2k 75.9 vs 81.1 (FA3 71.5 / 72.8); seven other cases of
 #   1k-32k keys within 0.4% (2026-11-30).
 # The interpreter's row is small so that CPU tests cover slices cut short by it.
 _SPLIT_SLICES = {

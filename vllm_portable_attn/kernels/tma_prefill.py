@@ -19,14 +19,14 @@ key loop (a vector search over the group's block starts failed the pass), one ke
 causal mask on every tile (an `if` for the diagonal tiles turns the specialisation off, and a
 diagonal tile peeled off before or after the loop fails the pass; the mask costs about 6%: the
 loop without it ran 8k in 1082 rather than 1150 us), 4 warps and 2 stages. A work item past the
-group's blocks runs an empty loop and stores nothing.
+group's blocks runs an empty loop and stores nothing. Query heads are not packed per KV head (a
+packed Q box would be wider than TMA's 256 elements): one work item is one query head x BLOCK_M
+tokens, and the heads of a GQA group, neighbours in the order, read the same K/V tiles from L2.
 
 With `context`, the kernel also serves requests that have context, over K/V that hold each
 request's whole sequence densely (for instance an extend's pages copied out of the cache): the
 prototype `tma_extend` of benchmarks/bench.py measures that route for chunked-prefill
-continuations. The backend sends it fresh prefills only. Query heads are not packed per KV head (a
-packed Q box would be wider than TMA's 256 elements): one work item is one query head x BLOCK_M
-tokens, and the heads of a GQA group, neighbours in the order, read the same K/V tiles from L2.
+continuations. The backend sends it fresh prefills only.
 """
 
 from __future__ import annotations

@@ -136,6 +136,7 @@ def check_tma_kernel_over_context(b: PagedBatch) -> None:
     assert out[~rows].isnan().all(), "wrote rows outside the extend group"
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the minimum grid decides (the gpu twin)")
 @pytest.mark.parametrize("order", ["v1", "random", "prefix_hits"])
 def test_tma_kernel_attends_over_context(order: str) -> None:
     """Contexts of 17 and 100 keys: neither a whole tile nor a whole page."""

@@ -31,8 +31,6 @@ continuations. The backend sends it fresh prefills only.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +38,7 @@ from triton.runtime import _allocation
 
 from vllm_portable_attn.kernels._common import (
     LOG2E,
+    device_num_sms,
     find_seq_idx,
     first_block_of,
     num_query_blocks,
@@ -299,14 +298,11 @@ def tma_prefill_attention(
     )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=8)
 def _persistent_programs(device: torch.device) -> int:
     """Programs of the persistent grid: one per SM (a program's 208 KiB of shared memory leave
     room for no second one). Without a GPU, three, so that CPU tests run several rounds in both
     directions with a partial last one."""
-    if device.type != "cuda":
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return device_num_sms(device) if device.type == "cuda" else 3
 
 
 def _ensure_scratch_allocator(device: torch.device) -> None:

@@ -354,32 +354,22 @@ def _override_config_table(spec: str) -> None:
     configs.attention_config.cache_clear()
 
 
-def _cache_rows(inp: Inputs, first: list[int], counts: list[int]) -> list[tuple[Any, Any]]:
-    """Per copy, the (page, slot) of positions first[r] .. first[r] + counts[r] - 1 of every
-    request r, in request order: index the caches with them to gather those keys / values."""
-    import torch
-
-    counts_t = torch.tensor(counts, device=inp.device)
-    seq = torch.repeat_interleave(torch.arange(len(counts), device=inp.device), counts_t)
-    row_start = torch.cumsum(counts_t, 0) - counts_t
-    pos = torch.tensor(first, device=inp.device)[seq] + torch.arange(len(seq), device=inp.device)
-    pos -= row_start[seq]
-    block_size = inp.geo.block_size
-    return [
-        (table[seq, pos // block_size].long(), pos % block_size)
-        for table in inp.block_tables[: inp.copies]
-    ]
-
-
 def _new_tokens_kv(inp: Inputs) -> list[tuple[Any, Any]]:
     """Each copy's new-token K/V, [tokens, kv_heads, D], gathered once from the cache: the
     grouped route's fresh prefills read them, as the backend reads vLLM's key/value."""
-    case = inp.case
-    contexts = [kv - q for q, kv in zip(case.q_lens, case.seq_lens, strict=True)]
-    return [
-        (inp.key_cache[pages, slots], inp.value_cache[pages, slots])
-        for pages, slots in _cache_rows(inp, contexts, list(case.q_lens))
-    ]
+    import torch
+
+    q_lens = torch.tensor(inp.case.q_lens, device=inp.device)
+    kv_lens = torch.tensor(inp.case.seq_lens, device=inp.device)
+    seq = torch.repeat_interleave(torch.arange(len(q_lens), device=inp.device), q_lens)
+    first_token = torch.cumsum(q_lens, 0) - q_lens
+    pos = (kv_lens - q_lens)[seq] + torch.arange(len(seq), device=inp.device) - first_token[seq]
+    block_size = inp.geo.block_size
+    new_kv = []
+    for table in inp.block_tables[: inp.copies]:
+        pages, offs = table[seq, pos // block_size].long(), pos % block_size
+        new_kv.append((inp.key_cache[pages, offs], inp.value_cache[pages, offs]))
+    return new_kv
 
 
 def _provider_portable(
@@ -605,62 +595,10 @@ def _provider_flashinfer(inp: Inputs, args: argparse.Namespace) -> tuple[Provide
     return run, {"wrapper": "decode" if decode_only else "prefill"}
 
 
-def _provider_tma_extend(
-    inp: Inputs, args: argparse.Namespace, gather_in_step: bool = True
-) -> tuple[ProviderFn, dict]:
-    """Prototype for goal K5, not the backend's path: each extend's whole sequence copied out
-    of the paged cache into dense K/V (torch indexing), then the sm_90 TMA kernel over it with
-    the context offset (`tma_prefill_attention(..., context=...)`). `gather_in_step` False
-    gathers once, outside the timed call, which leaves the attention alone. Cases whose
-    requests are all extends."""
-    import torch
-
-    from vllm_portable_attn.kernels import (
-        GROUP_EXTEND,
-        MAX_DECODE_QUERY_LEN,
-        RequestGroups,
-        classify_requests,
-    )
-    from vllm_portable_attn.kernels.configs import tma_prefill_config
-    from vllm_portable_attn.kernels.tma_prefill import tma_prefill_attention
-
-    case = inp.case
-    lengths = zip(case.q_lens, case.seq_lens, strict=True)
-    if any(q <= MAX_DECODE_QUERY_LEN or q == kv for q, kv in lengths):
-        raise ValueError("tma_extend takes batches of extends only")
-    config = tma_prefill_config(sum(case.q_lens), inp.geo.num_heads)
-    if config is None:
-        raise ValueError("no TMA prefill on this GPU, or the batch is under its minimum")
-    groups = RequestGroups.allocate(case.num_reqs, inp.device)
-    classify_requests(inp.query_start_loc, inp.seq_lens, groups, MAX_DECODE_QUERY_LEN)
-    rows = _cache_rows(inp, [0] * case.num_reqs, list(case.seq_lens))
-    starts = torch.tensor((0, *case.seq_lens[:-1]), device=inp.device).cumsum(0)
-    context = (starts.to(torch.int32), inp.seq_lens)
-    size = (sum(case.q_lens), case.num_reqs)
-
-    def gather(i: int) -> tuple[Any, Any]:
-        pages, slots = rows[i]
-        return inp.key_cache[pages, slots], inp.value_cache[pages, slots]
-
-    gathered = None if gather_in_step else [gather(i) for i in range(inp.copies)]
-
-    def run(i: int, out: Any) -> None:
-        key, value = gather(i) if gathered is None else gathered[i]
-        tma_prefill_attention(
-            inp.query[i], key, value, out, inp.query_start_loc, groups.as_tuple(),
-            group=GROUP_EXTEND, group_size=size, softmax_scale=inp.scale, config=config,
-            context=context,
-        )  # fmt: skip
-
-    return run, {"gather_in_step": gather_in_step}
-
-
 PROVIDERS: dict[str, Callable[[Inputs, argparse.Namespace], tuple[ProviderFn, dict]]] = {
     "portable": _provider_portable,
     "portable_grouped": _provider_portable_grouped,
     "portable_grouped_no_tma": functools.partial(_provider_portable_grouped, tma_prefill=False),
-    "tma_extend": _provider_tma_extend,
-    "tma_extend_pregathered": functools.partial(_provider_tma_extend, gather_in_step=False),
     "triton_attn": _provider_triton_attn,
     "fa3": _provider_fa3,
     "flashinfer": _provider_flashinfer,

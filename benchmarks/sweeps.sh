@@ -23,9 +23,6 @@
 #                  twice, L2 permitting once), through --configs
 #   lookahead      page lookahead (`SHAPE_lookahead=1`) for the spec-verify and decode rows,
 #                  with tiles whose pipeline then holds two or three K/V buffers
-#   tma_extend     the K5 prototype: extends through the sm_90 TMA kernel over their pages
-#                  copied into dense K/V (bench.py's tma_extend, gathering in the timed call,
-#                  and tma_extend_pregathered, attention alone) against the paged kernel
 #   ncu            Nsight Compute sections for the paged and the dense prefill (one launch each)
 # Correctness is not re-checked here (no reference, no FA3): the tests cover every config.
 
@@ -151,10 +148,6 @@ sweep_lookahead() {
   for variant in "" "$decode"; do
     "${BENCH[@]}" --providers portable --cases "$DECODE_CASES" --cudagraph ${variant:+--table "$variant"}
   done
-}
-
-sweep_tma_extend() {
-  "${BENCH[@]}" --providers portable,tma_extend,tma_extend_pregathered --cases extend --cudagraph
 }
 
 sweep_ncu() {

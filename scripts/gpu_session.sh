@@ -57,9 +57,6 @@
 #   bench_tma_prefill       yes   300     90   the grouped route with and without the sm_90 TMA prefill,
 #                                              against FA3, on the prefill and mixed cases,
 #                                              do_bench_cudagraph
-#   bench_tma_extend        yes   400     90   the K5 prototype (tma_extend, tma_extend_pregathered)
-#                                              against the paged kernel and FA3 on the extend
-#                                              cases, outputs checked, do_bench_cudagraph
 #   bench_plan              yes   300     60   bench.py plan: per-step builder / forward overhead (K7)
 #   e2e_serve               yes   330    200   e2e_check.py serve: 8B shape, compile + CUDA graphs
 #   bench_e2e_quick         yes   560    200   bench.py e2e --quick (short, long) for $E2E_BACKENDS
@@ -480,7 +477,6 @@ step_spec() { # name -> "needs_vllm|limit|least useful time|command"
     bench_kernels_all) echo "1|560|120|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases all --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_kernels_cg) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases $CG_CASES --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_tma_prefill) echo "1|300|90|$B kernels --providers portable_grouped,portable_grouped_no_tma,fa3 --cases prefill,mixed --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
-    bench_tma_extend) echo "1|400|90|$B kernels --providers portable,tma_extend,tma_extend_pregathered,fa3 --cases extend --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_plan) echo "1|300|60|$B plan --out $RESULTS" ;;
     e2e_correctness) echo "1|390|150|$E correctness $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     e2e_correctness_grouped) echo "1|300|150|$E correctness --route grouped --backends CUSTOM,TRITON_ATTN --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;

@@ -13,22 +13,19 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import DEVICE
-from kernel_check import TOLERANCE, host_group_sizes, run_and_check
-from paged_batch import PagedBatch, make_batch
+from kernel_check import host_group_sizes, run_and_check
+from paged_batch import make_batch
 
 from vllm_portable_attn.kernels import (
     GROUP_DECODE,
     GROUP_EXTEND,
     GROUP_PADDING,
     GROUP_PREFILL,
-    MAX_DECODE_QUERY_LEN,
     RequestGroups,
     classify_requests,
 )
 from vllm_portable_attn.kernels import grouped as grouped_module
 from vllm_portable_attn.kernels.configs import attention_config, tma_prefill_config
-from vllm_portable_attn.kernels.tma_prefill import tma_prefill_attention
-from vllm_portable_attn.reference import paged_attention_reference
 
 DECODES = [(1, 33), (1, 7), (4, 20)]  # (query_len, context_len); q 4 is a spec-verify step
 EXTENDS = [(40, 17), (9, 100)]  # chunked-prefill continuations / prefix-cache hits
@@ -94,53 +91,6 @@ def test_prefill_group_takes_the_tma_kernel(spy: Callable[[object, str], list[di
     run_and_check(batch(v1_order()), provider="grouped", softcap=3.0)
     run_and_check(batch(v1_order(), dtype=torch.float32), provider="grouped")
     assert len(calls) == 1
-
-
-def check_tma_kernel_over_context(b: PagedBatch) -> None:
-    """The TMA kernel over requests with context (benchmarks' extend probe: each extend's
-    pages copied into dense K/V first) against the fp64 reference: the extend group's rows
-    match, every other row stays NaN."""
-    groups = RequestGroups.allocate(b.seq_lens.shape[0], b.query.device)
-    classify_requests(b.query_start_loc, b.seq_lens, groups, MAX_DECODE_QUERY_LEN)
-    # Every request's whole sequence (context, then new tokens), one after the other.
-    page_size, kv_heads, head_size = b.key_cache.shape[1:]
-    keys, values, starts = [], [], [0]
-    for r, seq_len in enumerate(b.seq_lens.tolist()):
-        pages = b.block_table[r, : -(-seq_len // page_size)].long()
-        keys.append(b.key_cache[pages].reshape(-1, kv_heads, head_size)[:seq_len])
-        values.append(b.value_cache[pages].reshape(-1, kv_heads, head_size)[:seq_len])
-        starts.append(starts[-1] + seq_len)
-    key_start_loc = torch.tensor(starts[:-1], dtype=torch.int32, device=b.query.device)
-    _, (tokens, reqs), _ = host_group_sizes(b)
-    config = tma_prefill_config(tokens, b.query.shape[1])
-    assert config is not None, "the extend group is under the TMA kernel's minimum"
-    scale = b.head_size**-0.5
-    out = torch.full_like(b.query, float("nan"))
-    tma_prefill_attention(
-        b.query, torch.cat(keys), torch.cat(values), out, b.query_start_loc, groups.as_tuple(),
-        group=GROUP_EXTEND, group_size=(tokens, reqs), softmax_scale=scale, config=config,
-        context=(key_start_loc, b.seq_lens),
-    )  # fmt: skip
-    ref = torch.full_like(b.query, float("nan"), dtype=torch.float64)
-    paged_attention_reference(
-        b.query, b.key_cache, b.value_cache, ref, b.query_start_loc, b.seq_lens, b.block_table,
-        max_query_len=b.max_query_len, max_seq_len=b.max_seq_len, softmax_scale=scale,
-        compute_dtype=torch.float64,
-    )  # fmt: skip
-    q_lens = b.query_start_loc.diff()
-    is_extend = (q_lens > MAX_DECODE_QUERY_LEN) & (b.seq_lens > q_lens)
-    rows = torch.zeros(b.query.shape[0], dtype=torch.bool, device=b.query.device)
-    rows[: b.num_actual_tokens] = is_extend.repeat_interleave(q_lens)
-    assert rows.any()
-    torch.testing.assert_close(out[rows].double(), ref[rows], **TOLERANCE[b.query.dtype])
-    assert out[~rows].isnan().all(), "wrote rows outside the extend group"
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the minimum grid decides (the gpu twin)")
-@pytest.mark.parametrize("order", ["v1", "random", "prefix_hits"])
-def test_tma_kernel_attends_over_context(order: str) -> None:
-    """Contexts of 17 and 100 keys: neither a whole tile nor a whole page."""
-    check_tma_kernel_over_context(batch(ORDERS[order]))
 
 
 @pytest.mark.parametrize(
@@ -281,18 +231,6 @@ def test_gpu_grouped_large_prefills(tma_prefill: bool, dtype: torch.dtype) -> No
         _, _, (tokens, _) = host_group_sizes(b)
         assert tma_prefill_config(tokens, 32) is not None, "not the TMA kernel's size"
     run_and_check(b, provider="grouped", tma_prefill=tma_prefill)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-    reason="the TMA kernel is compiled for sm_90 only",
-)
-def test_gpu_tma_kernel_attends_over_context() -> None:
-    """Extends of 700 and 1500 tokens over 3000 and 333 keys of context, beside decodes and
-    a fresh prompt: several rounds of the persistent grid at Llama-8B heads."""
-    b = gpu_batch([(1, 3000), (700, 3000), (1, 70), (1500, 333), (400, 0)], num_padding_tokens=3)
-    check_tma_kernel_over_context(b)
 
 
 @pytest.mark.gpu

@@ -22,11 +22,6 @@ loop without it ran 8k in 1082 rather than 1150 us), 4 warps and 2 stages. A wor
 group's blocks runs an empty loop and stores nothing. Query heads are not packed per KV head (a
 packed Q box would be wider than TMA's 256 elements): one work item is one query head x BLOCK_M
 tokens, and the heads of a GQA group, neighbours in the order, read the same K/V tiles from L2.
-
-With `context`, the kernel also serves requests that have context, over K/V that hold each
-request's whole sequence densely (for instance an extend's pages copied out of the cache): the
-prototype `tma_extend` of benchmarks/bench.py measures that route for chunked-prefill
-continuations. The backend sends it fresh prefills only.
 """
 
 from __future__ import annotations
@@ -60,8 +55,6 @@ def _attend_query_block(
     value_desc,
     output_ptr,
     query_start_loc_ptr,
-    key_start_loc_ptr,
-    seq_lens_ptr,
     seq_order_ptr,
     order_cu_q_ptr,
     group_bounds_ptr,
@@ -75,11 +68,8 @@ def _attend_query_block(
     TILE_N: tl.constexpr,
     GROUP: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
 ):
-    """One query block of one head, causal over its request's keys, into `output`. Without
-    HAS_CONTEXT the keys are the request's own new tokens, in the query rows; with it they are
-    its whole sequence (context, then new tokens) from row key_start_loc[request] on."""
+    """One query block of one head, causal over its prefill's own keys, into `output`."""
     # The heads of a block are neighbours (a GQA group reads the same K/V tiles at about the
     # same time), and blocks run longest first (a short tail; surplus blocks come first).
     head = work % NUM_HEADS
@@ -99,26 +89,20 @@ def _attend_query_block(
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     q_len = tl.where(found, q_len, 0)
-    key_start = q_start
-    context_len = 0
-    if HAS_CONTEXT:
-        key_start = tl.load(key_start_loc_ptr + seq)
-        context_len = tl.load(seq_lens_ptr + seq) - q_len
     # The keys of a causal block end at its last query; a surplus block has none.
     block_end = tl.minimum(q_len, (q_block + 1) * BLOCK_M)
-    key_hi = tl.where(q_block * BLOCK_M < q_len, context_len + block_end, 0)
+    key_hi = tl.where(q_block * BLOCK_M < q_len, block_end, 0)
 
     # A tile that runs past the sequence reads the next one's tokens (masked by position
     # below) or, past the batch, zeros (TMA's bounds check).
     q = query_desc.load([q_start + q_block * BLOCK_M, head * HEAD])
-    row = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    query_pos = context_len + row
+    query_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in tl.range(0, key_hi, TILE_N, warp_specialize=True):
-        k = key_desc.load([key_start + start, kv_head * HEAD])
-        v = value_desc.load([key_start + start, kv_head * HEAD])
+        k = key_desc.load([q_start + start, kv_head * HEAD])
+        v = value_desc.load([q_start + start, kv_head * HEAD])
         scores = tl.dot(q, tl.trans(k))
         key_pos = start + tl.arange(0, TILE_N)
         scores = tl.where(key_pos[None, :] <= query_pos[:, None], scores, float("-inf"))
@@ -127,27 +111,24 @@ def _attend_query_block(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     offs_d = tl.arange(0, HEAD)
     tl.store(
-        output_ptr + (q_start + row)[:, None] * stride_o_token + head * stride_o_head
+        output_ptr + (q_start + query_pos)[:, None] * stride_o_token + head * stride_o_head
         + offs_d[None, :],
         out.to(output_ptr.dtype.element_ty),
-        mask=(row < block_end)[:, None],
+        mask=(query_pos < key_hi)[:, None],
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_key_rows", "num_blocks"])
+@triton.jit(do_not_specialize=["num_tokens", "num_blocks"])
 def _tma_prefill_kernel(
     query_ptr,  # [num_tokens, num_heads, HEAD], heads contiguous ([tokens, heads * HEAD] in 2-D)
-    key_ptr,  # [num_key_rows, num_kv_heads, HEAD]: the new keys, or (HAS_CONTEXT) whole sequences
-    value_ptr,  # [num_key_rows, num_kv_heads, HEAD], the values likewise
+    key_ptr,  # [num_tokens, num_kv_heads, HEAD], the new keys, likewise
+    value_ptr,  # [num_tokens, num_kv_heads, HEAD], the new values, likewise
     output_ptr,  # [num_tokens, num_heads, HEAD]
     query_start_loc_ptr,  # [num_seqs + 1] int32
-    key_start_loc_ptr,  # [num_seqs] int32, each request's first key row (HAS_CONTEXT)
-    seq_lens_ptr,  # [num_seqs] int32, keys per request (HAS_CONTEXT)
     seq_order_ptr,  # [capacity] int32, request ids sorted by group
     order_cu_q_ptr,  # [capacity + 1] int32, cumulative query lengths in that order
     group_bounds_ptr,  # [num_groups + 1] int32, each group's first entry in the order
     num_tokens,
-    num_key_rows,
     num_blocks,  # query blocks that cover the group (`num_query_blocks`)
     softmax_scale,
     stride_q,
@@ -163,7 +144,6 @@ def _tma_prefill_kernel(
     TILE_N: tl.constexpr,
     GROUP: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,  # binary-search halvings that cover the classifier's capacity
-    HAS_CONTEXT: tl.constexpr,
 ):
     # Descriptors over the whole batch, built on the device once per program: with descriptors
     # passed from the host, the warp-specialised kernel hung on an H200 (Triton 3.6).
@@ -172,11 +152,11 @@ def _tma_prefill_kernel(
         block_shape=[BLOCK_M, HEAD],
     )  # fmt: skip
     key_desc = tl.make_tensor_descriptor(
-        key_ptr, shape=[num_key_rows, NUM_KV_HEADS * HEAD], strides=[stride_k, 1],
+        key_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD], strides=[stride_k, 1],
         block_shape=[TILE_N, HEAD],
     )  # fmt: skip
     value_desc = tl.make_tensor_descriptor(
-        value_ptr, shape=[num_key_rows, NUM_KV_HEADS * HEAD], strides=[stride_v, 1],
+        value_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD], strides=[stride_v, 1],
         block_shape=[TILE_N, HEAD],
     )  # fmt: skip
     # Persistent: each program takes one work item per round. Work items shrink along the
@@ -188,9 +168,9 @@ def _tma_prefill_kernel(
         slot = tl.where(round_idx % 2 == 0, program, num_programs - 1 - program)
         _attend_query_block(
             round_idx * num_programs + slot, num_blocks, query_desc, key_desc, value_desc,
-            output_ptr, query_start_loc_ptr, key_start_loc_ptr, seq_lens_ptr, seq_order_ptr,
-            order_cu_q_ptr, group_bounds_ptr, softmax_scale, stride_o_token, stride_o_head,
-            NUM_HEADS, QUERIES_PER_KV, HEAD, BLOCK_M, TILE_N, GROUP, SEARCH_STEPS, HAS_CONTEXT,
+            output_ptr, query_start_loc_ptr, seq_order_ptr, order_cu_q_ptr, group_bounds_ptr,
+            softmax_scale, stride_o_token, stride_o_head, NUM_HEADS, QUERIES_PER_KV, HEAD,
+            BLOCK_M, TILE_N, GROUP, SEARCH_STEPS,
         )  # fmt: skip
 
 
@@ -253,23 +233,18 @@ def tma_prefill_attention(
     group_size: tuple[int, int],
     softmax_scale: float,
     config: AttentionConfig,
-    context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Causal attention of one group of requests over dense K/V, into `output`.
+    """Causal attention of one group of fresh prefills over their own K/V, into `output`.
 
     Args:
-        query: [num_tokens, num_heads, head_size]; key, value: [num_key_rows, num_kv_heads,
-            head_size]; all three as `tma_prefill_fits` requires. Without `context`, the new
-            tokens' K/V (row i holds query token i's key) and the group's requests have no
-            context: fresh prefills.
+        query: [num_tokens, num_heads, head_size]; key, value: [num_tokens, num_kv_heads,
+            head_size], the new tokens' K/V; all three as `tma_prefill_fits` requires.
         output: [num_tokens, num_heads, head_size]; only the group's rows are written.
-        groups: (seq_order, order_cu_q, group_bounds) from `classify_requests`.
+        groups: (seq_order, order_cu_q, group_bounds) from `classify_requests`; every request
+            of `group` has no context.
         group_size: (tokens, requests) of `group`, exactly: the work items cover its blocks
             only.
         config: from `configs.tma_prefill_config` (block_q = block_m query tokens per program).
-        context: (key_start_loc, seq_lens), int32 per request: the group's requests may have
-            context, and request r's keys (its context, then its new tokens: seq_lens[r] of
-            them) are key rows key_start_loc[r] on, e.g. gathered from the paged cache.
     """
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key.shape[1]
@@ -279,11 +254,10 @@ def tma_prefill_attention(
     _ensure_scratch_allocator(query.device)
     num_blocks = num_query_blocks(*group_size, block_m)
     grid = (min(num_blocks * num_heads, _persistent_programs(query.device)),)
-    key_start_loc, seq_lens = context if context is not None else (query_start_loc,) * 2
     _tma_prefill_kernel[grid](
-        query, key, value, output, query_start_loc, key_start_loc, seq_lens, seq_order,
-        order_cu_q, group_bounds, num_tokens, key.shape[0], num_blocks, softmax_scale,
-        query.stride(0), key.stride(0), value.stride(0), output.stride(0), output.stride(1),
+        query, key, value, output, query_start_loc, seq_order, order_cu_q, group_bounds,
+        num_tokens, num_blocks, softmax_scale, query.stride(0), key.stride(0), value.stride(0),
+        output.stride(0), output.stride(1),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         QUERIES_PER_KV=num_heads // num_kv_heads,
@@ -292,7 +266,6 @@ def tma_prefill_attention(
         TILE_N=config.tile_n,
         GROUP=group,
         SEARCH_STEPS=seq_order.shape[0].bit_length(),
-        HAS_CONTEXT=context is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip

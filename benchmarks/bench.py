@@ -5,6 +5,7 @@
     python3 benchmarks/bench.py e2e [--backends CUSTOM,FLASH_ATTN,TRITON_ATTN] [--quick]
     python3 benchmarks/bench.py kernels --list-cases
     python3 benchmarks/bench.py plan [--routes unified,grouped]   (K7: see plan_overhead.py)
+    python3 benchmarks/bench.py precompile [--threads 1,8]       (see precompile_time.py)
 
 ``kernels`` times paged attention kernels side by side on Llama-3.1-8B heads (32 query / 8 KV
 heads, head size 128, bf16, paged KV in blocks of 16, vLLM's NHD layout with K and V packed in
@@ -1362,7 +1363,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{kernels,e2e,plan}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{kernels,e2e,plan,precompile}")
 
     kp = sub.add_parser("kernels", help="kernel-level timings vs FA3 and vLLM's Triton kernel")
     kp.add_argument(
@@ -1534,6 +1535,9 @@ def build_parser() -> argparse.ArgumentParser:
     import plan_overhead  # the 'plan' subcommand (K7 per-step overhead) lives in its own module
 
     plan_overhead.add_parser(sub)
+    import precompile_time  # the 'precompile' subcommand (engine-start compile time)
+
+    precompile_time.add_parser(sub)
 
     wp = sub.add_parser("_e2e_worker")  # internal: one engine per child process
     wp.add_argument("--backend", required=True)
@@ -1561,6 +1565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import plan_overhead
 
         return plan_overhead.run(args)
+    if args.cmd == "precompile":
+        import precompile_time
+
+        return precompile_time.run(args)
     return 2
 
 

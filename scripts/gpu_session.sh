@@ -58,6 +58,8 @@
 #                                              against FA3, on the prefill and mixed cases,
 #                                              do_bench_cudagraph
 #   bench_plan              yes   300     60   bench.py plan: per-step builder / forward overhead (K7)
+#   bench_precompile        yes   300    120   bench.py precompile: a layer's precompile with a cold
+#                                              Triton cache, one thread and the backend's own count
 #   e2e_serve               yes   330    200   e2e_check.py serve: 8B shape, compile + CUDA graphs
 #   bench_e2e_quick         yes   560    200   bench.py e2e --quick (short, long) for $E2E_BACKENDS
 #   bench_e2e               yes   570    240   bench.py e2e, $E2E_WORKLOADS for $E2E_BACKENDS
@@ -478,6 +480,7 @@ step_spec() { # name -> "needs_vllm|limit|least useful time|command"
     bench_kernels_cg) echo "1|240|90|$B kernels --providers portable,portable_grouped,triton_attn,fa3 --cases $CG_CASES --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_tma_prefill) echo "1|300|90|$B kernels --providers portable_grouped,portable_grouped_no_tma,fa3 --cases prefill,mixed --cudagraph --max-seconds \$((STEP_T - 40)) --out $RESULTS" ;;
     bench_plan) echo "1|300|60|$B plan --out $RESULTS" ;;
+    bench_precompile) echo "1|300|120|$B precompile --out $RESULTS" ;;
     e2e_correctness) echo "1|390|150|$E correctness $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     e2e_correctness_grouped) echo "1|300|150|$E correctness --route grouped --backends CUSTOM,TRITON_ATTN --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;
     e2e_gemma2) echo "1|300|150|$E correctness --model-kind gemma2 --backends CUSTOM,TRITON_ATTN --enforce-eager $route_arg --total-timeout \$((STEP_T - 15)) --out $RESULTS" ;;

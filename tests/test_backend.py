@@ -15,6 +15,7 @@ import gc
 import itertools
 import logging
 import random
+import threading
 import types
 from collections.abc import Callable, Iterator
 
@@ -43,7 +44,7 @@ from vllm_portable_attn.backend import PortableAttentionBackend
 from vllm_portable_attn.impl import PortableAttentionImpl
 from vllm_portable_attn.kernels import MAX_DECODE_QUERY_LEN
 from vllm_portable_attn.kernels import grouped as grouped_module
-from vllm_portable_attn.kernels.compile_only import CompileCount, jit_kernels
+from vllm_portable_attn.kernels.compile_only import CompileCount, compile_threads, jit_kernels
 from vllm_portable_attn.plan import PortableAttentionMetadata, PortableAttentionMetadataBuilder
 from vllm_portable_attn.precompile import StepShape, step_shapes
 from vllm_portable_attn.reference import paged_attention_reference
@@ -781,9 +782,11 @@ def test_precompile_runs_every_step_shape_under_compile_only(
     # A TMA minimum, as on sm_90 (the builder has none on the CPU).
     plan = dataclasses.replace(setup.builder.precompile_plan(), tma_prefill_tokens=40)
     inside = []
+    threads = []
 
     @contextlib.contextmanager
-    def fake_compile_only() -> Iterator[CompileCount]:
+    def fake_compile_only(num_threads: int) -> Iterator[CompileCount]:
+        threads.append(num_threads)
         inside.append(True)
         yield CompileCount()
         inside.append(False)
@@ -800,6 +803,7 @@ def test_precompile_runs_every_step_shape_under_compile_only(
         lambda shape_md: seen.append(shape_md) or None, md, plan
     )
     assert inside == [True, False] and len(classified_by_builder) == 1
+    assert threads == [compile_threads(precompile_module._COMPILE_THREADS)] and threads[0] >= 1
     assert len(seen) == len(step_shapes(plan, route))
     tma_shapes = [m for m in seen if m.group_sizes is not None]
     assert len(tma_shapes) == MAX_DECODE_QUERY_LEN + 1
@@ -862,7 +866,8 @@ def test_gpu_precompile_leaves_nothing_to_compile_for_later_steps(
     """After a layer's first step (vLLM's warm-up shape: a 2-token prompt and a decode), no
     later step compiles a kernel: spec-verify tiles, split-KV segment counts, extends,
     prefills and (on sm_90) the TMA steps. Triton's in-memory caches are emptied first, so no
-    earlier test can have compiled them; without the precompile the same steps do compile."""
+    earlier test can have compiled them; without the precompile the same steps do compile.
+    With more than one core the precompile compiles on its thread pool (compile_only)."""
     model = Model(device, **LLAMA_8B)
     warmup = [(2, 0), (1, 20)]
     later = [
@@ -879,6 +884,14 @@ def test_gpu_precompile_leaves_nothing_to_compile_for_later_steps(
     monkeypatch.setattr(
         knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["fn"].name)
     )
+    compiling_threads: set[str] = set()
+    for _, _, fn in jit_kernels():
+
+        def compile_on_record(*args: object, _compile: Callable = fn.compile, **kw: object):
+            compiling_threads.add(threading.current_thread().name)
+            return _compile(*args, **kw)
+
+        monkeypatch.setattr(fn, "compile", compile_on_record)
 
     def run_steps(precompile: bool) -> tuple[int, list[str]]:
         for _, _, fn in jit_kernels():
@@ -899,6 +912,8 @@ def test_gpu_precompile_leaves_nothing_to_compile_for_later_steps(
 
     at_warmup, after_warmup = run_steps(precompile=True)
     assert at_warmup > 5 and after_warmup == []
+    pool = compile_threads(precompile_module._COMPILE_THREADS) > 1
+    assert pool == any(name.startswith("portable-attn-compile") for name in compiling_threads)
     _, without = run_steps(precompile=False)
     assert "attention_kernel" in without
 

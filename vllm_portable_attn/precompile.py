@@ -13,6 +13,8 @@ host-side facts that pick the launches replaced (the longest query, the split-KV
 and whether its grid is narrow, whether the step is classified and how large its fresh prefills
 are). The tensors' strides and alignments are then exactly those of later steps, which is what
 Triton's specialisations are keyed on; nothing is launched, so their contents do not matter.
+The compiles run side by side on a thread pool (`_COMPILE_THREADS`), since each engine start
+with a cold Triton cache waits for them.
 
 Which shapes: each query length up to the decode bound (every spec-verify tile) and one longer
 (the prefill-shaped tiles), each with every segment count the builder can choose (over a narrow
@@ -24,6 +26,7 @@ launches.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,12 +34,19 @@ from typing import TYPE_CHECKING
 
 from vllm_portable_attn._compat import get_logger
 from vllm_portable_attn.kernels import MAX_DECODE_QUERY_LEN, RequestGroups, classify_requests
-from vllm_portable_attn.kernels.compile_only import compile_only
+from vllm_portable_attn.kernels.compile_only import CompileCount, compile_only, compile_threads
 
 if TYPE_CHECKING:
     from vllm_portable_attn.plan import PortableAttentionMetadata
 
 logger = get_logger(__name__)
+
+# Threads that compile a layer's specialisations side by side (compile_only): one per core
+# this process may run on, at most 8 (a step shape set has about 25 specialisations, and
+# tensor-parallel workers on one host each run their own precompile at the same time).
+_COMPILE_THREADS = min(
+    8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,10 @@ def precompile_step_shapes(
     attend: Callable[[PortableAttentionMetadata], None],
     md: PortableAttentionMetadata,
     plan: PrecompilePlan,
-) -> None:
-    """Compile (not run) every launch `attend` makes for each of the plan's step shapes.
+    threads: int = _COMPILE_THREADS,
+) -> CompileCount:
+    """Compile (not run) every launch `attend` makes for each of the plan's step shapes, on
+    up to `threads` threads, and say how many launches and compiles that took.
 
     `attend(md)` must run one layer's attention for `md` with this step's tensors, as the
     layer's forward does. `md` is a real step's metadata; the shapes change only its host-side
@@ -88,7 +100,8 @@ def precompile_step_shapes(
     """
     started = time.perf_counter()
     shapes = step_shapes(plan, md.route)
-    with compile_only() as count:
+    threads = compile_threads(threads)
+    with compile_only(threads) as count:
         # The unified route's TMA steps are classified in the builder, outside any layer.
         if plan.tma_prefill_tokens is not None:
             classify_requests(
@@ -122,9 +135,11 @@ def precompile_step_shapes(
     if count.compiled:
         logger.info(
             "vllm_portable_attn: compiled %d kernel specialisations (%d launches of %d step "
-            "shapes of a layer) in %.1f s, before serving",
+            "shapes of a layer) in %.1f s on %d threads, before serving",
             count.compiled,
             count.launches,
             len(shapes),
             seconds,
+            threads,
         )
+    return count

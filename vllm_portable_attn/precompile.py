@@ -135,7 +135,7 @@ def precompile_step_shapes(
     if count.compiled:
         logger.info(
             "vllm_portable_attn: compiled %d kernel specialisations (%d launches of %d step "
-            "shapes of a layer) in %.1f s on %d threads, before serving",
+            "shapes of a layer) in %.1f s with %d compile threads, before serving",
             count.compiled,
             count.launches,
             len(shapes),

@@ -44,14 +44,16 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (needs the line above; also puts the repo root on sys.path)
 
+from vllm_portable_attn import envs  # noqa: E402  (cheap: no vLLM, torch or Triton)
+
 #: K7's bound on the CPU time of one build, in microseconds.
 TARGET_BUILD_US = 20.0
-ROUTES = ("unified", "grouped")
+ROUTES: tuple[str, ...] = get_args(envs.Route)
 
 # Defaults per device: (heads, kv heads, head size, block size, dtype), decode batches, decode
 # context, mixed step "PREFILLSxLEN+DECODESxCTX", max_num_seqs, max_num_batched_tokens,

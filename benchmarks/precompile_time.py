@@ -24,12 +24,14 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (needs the line above; also puts the repo root on sys.path)
 
-ROUTES = ("unified", "grouped")
+from vllm_portable_attn import envs  # noqa: E402  (cheap: no vLLM, torch or Triton)
+
+ROUTES: tuple[str, ...] = get_args(envs.Route)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -120,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
     from vllm_portable_attn.kernels.compile_only import compile_threads
 
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
-    own = compile_threads(precompile._COMPILE_THREADS)
+    for route in routes:
+        if route not in ROUTES:
+            raise SystemExit(f"unknown route {route!r}; choose from {', '.join(ROUTES)}")
+    own = compile_threads(precompile.COMPILE_THREADS)
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, own})
     info = C.run_info()
     print(

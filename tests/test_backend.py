@@ -804,7 +804,7 @@ def test_precompile_runs_every_step_shape_under_compile_only(
         lambda shape_md: seen.append(shape_md) or None, md, plan
     )
     assert inside == [True, False] and len(classified_by_builder) == 1
-    assert threads == [compile_threads(precompile_module._COMPILE_THREADS)] and threads[0] >= 1
+    assert threads == [compile_threads(precompile_module.COMPILE_THREADS)] and threads[0] >= 1
     assert len(seen) == len(step_shapes(plan, route))
     tma_shapes = [m for m in seen if m.group_sizes is not None]
     assert len(tma_shapes) == MAX_DECODE_QUERY_LEN + 1
@@ -914,7 +914,7 @@ def test_gpu_precompile_leaves_nothing_to_compile_for_later_steps(
 
     at_warmup, after_warmup = run_steps(precompile=True)
     assert at_warmup > 5 and after_warmup == []
-    pool = compile_threads(precompile_module._COMPILE_THREADS) > 1
+    pool = compile_threads(precompile_module.COMPILE_THREADS) > 1
     assert pool == any(name.startswith("portable-attn-compile") for name in compiling_threads)
     _, without = run_steps(precompile=False)
     assert "attention_kernel" in without

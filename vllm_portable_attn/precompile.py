@@ -13,7 +13,7 @@ host-side facts that pick the launches replaced (the longest query, the split-KV
 and whether its grid is narrow, whether the step is classified and how large its fresh prefills
 are). The tensors' strides and alignments are then exactly those of later steps, which is what
 Triton's specialisations are keyed on; nothing is launched, so their contents do not matter.
-The compiles run side by side on a thread pool (`_COMPILE_THREADS`), since each engine start
+The compiles run side by side on a thread pool (`COMPILE_THREADS`), since each engine start
 with a cold Triton cache waits for them.
 
 Which shapes: each query length up to the decode bound (every spec-verify tile) and one longer
@@ -44,7 +44,7 @@ logger = get_logger(__name__)
 # Threads that compile a layer's specialisations side by side (compile_only): one per core
 # this process may run on, at most 8 (a step shape set has about 25 specialisations, and
 # tensor-parallel workers on one host each run their own precompile at the same time).
-_COMPILE_THREADS = min(
+COMPILE_THREADS = min(
     8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
 
@@ -89,7 +89,7 @@ def precompile_step_shapes(
     attend: Callable[[PortableAttentionMetadata], None],
     md: PortableAttentionMetadata,
     plan: PrecompilePlan,
-    threads: int = _COMPILE_THREADS,
+    threads: int = COMPILE_THREADS,
 ) -> CompileCount:
     """Compile (not run) every launch `attend` makes for each of the plan's step shapes, on
     up to `threads` threads, and say how many launches and compiles that took.

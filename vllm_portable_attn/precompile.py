@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from vllm_portable_attn._compat import get_logger
 from vllm_portable_attn.kernels import MAX_DECODE_QUERY_LEN, RequestGroups, classify_requests
-from vllm_portable_attn.kernels.compile_only import CompileCount, compile_only, compile_threads
+from vllm_portable_attn.kernels.compile_only import CompileCount, compile_only
 
 if TYPE_CHECKING:
     from vllm_portable_attn.plan import PortableAttentionMetadata
@@ -100,7 +100,6 @@ def precompile_step_shapes(
     """
     started = time.perf_counter()
     shapes = step_shapes(plan, md.route)
-    threads = compile_threads(threads)
     with compile_only(threads) as count:
         # The unified route's TMA steps are classified in the builder, outside any layer.
         if plan.tma_prefill_tokens is not None:
@@ -140,6 +139,6 @@ def precompile_step_shapes(
             count.launches,
             len(shapes),
             seconds,
-            threads,
+            count.threads,
         )
     return count

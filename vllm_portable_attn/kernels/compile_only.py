@@ -80,6 +80,7 @@ class CompileCount:
 
     launches: int = 0  # launcher calls intercepted
     compiled: int = 0  # of those, specialisations Triton had not compiled in this process
+    threads: int = 1  # threads the block compiled on (`compile_threads`)
 
 
 def compile_threads(requested: int) -> int:
@@ -113,7 +114,7 @@ def compile_only(threads: int = 1) -> Iterator[CompileCount]:
     `threads` > 1 (`compile_threads`), the compiles run in parallel and finish, and the
     kernels load onto the GPU, when the block ends.
     """
-    count = CompileCount()
+    count = CompileCount(threads=compile_threads(threads))
     chained_hook = knobs.runtime.jit_post_compile_hook
 
     def counting_hook(**kwargs: Any) -> Any:
@@ -137,7 +138,7 @@ def compile_only(threads: int = 1) -> Iterator[CompileCount]:
     kernels: list[Any] = []
     knobs.runtime.jit_post_compile_hook = counting_hook
     try:
-        with run_replaced(make_run), _compiling_on(compile_threads(threads)):
+        with run_replaced(make_run), _compiling_on(count.threads):
             yield count
         # Load them onto the GPU now too (Triton otherwise does so at the first launch); this
         # is also where a launch asking for more shared memory than the GPU has would fail.
